@@ -1,0 +1,1 @@
+"""sendd: bulk message send daemon."""

@@ -1,0 +1,3 @@
+from sendd.cli import main
+
+raise SystemExit(main())
