@@ -1,0 +1,51 @@
+"""The batcher: groups claimed messages into provider batches per account and tenant.
+
+A batch is flushed when it reaches the account's batch size (which also respects the rate
+limits, so one batch never needs more than one second's allowance) or after the linger.
+Batches are single-tenant so each one is charged against one tenant's rate limit.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from sendd.batching import BatchBuilder
+from sendd.model import Batch, Message
+from sendd.runtime import Runtime
+
+
+async def run_batcher(
+    runtime: Runtime,
+    claims: trio.MemoryReceiveChannel[list[Message]],
+    batches: trio.MemorySendChannel[Batch],
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Batch until the claims channel ends, then flush what is pending and close `batches`."""
+    pipeline = runtime.config.pipeline
+    builder: BatchBuilder[tuple[str, str], Message] = BatchBuilder(
+        lambda key: runtime.max_batch(*key), pipeline.linger_ms / 1000
+    )
+    # Never hold more than one claim chunk waiting for company: bounds claimed-but-unsent work.
+    hold_limit = pipeline.claim_chunk
+
+    async def emit(ready: list[tuple[tuple[str, str], list[Message]]]) -> None:
+        for (account, tenant), messages in ready:
+            await batches.send(Batch(account, tenant, messages))
+
+    async with batches:
+        task_status.started()
+        while True:
+            deadline = builder.next_deadline()
+            chunk = None
+            with trio.move_on_at(deadline if deadline is not None else float("inf")):
+                try:
+                    chunk = await claims.receive()
+                except trio.EndOfChannel:
+                    await emit(builder.drain())
+                    return
+            now = trio.current_time()
+            for message in chunk or ():
+                await emit(builder.add((message.account, message.tenant_id), message, now))
+            await emit(builder.due(now))
+            if len(builder) >= hold_limit:
+                await emit(builder.drain())

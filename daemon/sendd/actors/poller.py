@@ -1,0 +1,171 @@
+"""The poller: claims due messages in chunks and hands them to the batcher.
+
+Claims use `FOR UPDATE SKIP LOCKED`, so any number of daemons share one database. Each claim
+takes a share from every sending campaign (fairness: a 1,000,000-message campaign does not hold
+back a 1,000-message one) and transactional messages first. It only claims what each tenant's
+credits can pay for, counting what is already in flight, so no tenant is ever overspent.
+Backpressure: `send` on the bounded claims channel blocks while the pipeline is full, and then
+nothing more is claimed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from sendd.model import Message
+from sendd.runtime import Runtime
+
+ACTIVE_CAMPAIGNS = """
+SELECT c.id, c.tenant_id FROM sendd.campaign c JOIN sendd.tenant t ON t.id = c.tenant_id
+WHERE c.status = 'sending' AND t.active AND NOT (t.id = ANY($1::text[]))
+ORDER BY c.id
+"""
+
+TRANSACTIONAL_TENANTS = """
+SELECT t.id FROM sendd.tenant t
+WHERE t.active AND NOT (t.id = ANY($1::text[])) AND EXISTS (
+    SELECT 1 FROM sendd.message m
+    WHERE m.tenant_id = t.id AND m.campaign_id IS NULL AND m.status = 'queued')
+"""
+
+# Lock the tenants (in id order: the writer's trigger locks them in the same order) and read
+# what each can still pay for: credits minus the segments of messages in flight.
+TENANT_BUDGETS = """
+SELECT t.id, t.credits - coalesce((
+    SELECT sum(m.segments) FROM sendd.message m
+    WHERE m.tenant_id = t.id AND m.status IN ('sending', 'unknown')), 0) AS budget
+FROM sendd.tenant t WHERE t.id = ANY($1::text[]) ORDER BY t.id FOR UPDATE
+"""
+
+CLAIM = """
+WITH budget AS (
+    SELECT * FROM unnest($1::text[], $2::bigint[]) AS b(tenant_id, budget)
+), candidate AS (
+    SELECT q.id, q.tenant_id, q.segments, 0 AS urgent
+    FROM unnest($3::bigint[]) AS c(id) CROSS JOIN LATERAL (
+        SELECT m.id, m.tenant_id, m.segments FROM sendd.message m
+        WHERE m.campaign_id = c.id AND m.status = 'queued' AND m.next_attempt_at <= now()
+          AND m.account = ANY($6::text[])
+        ORDER BY m.next_attempt_at, m.id LIMIT $4
+        FOR UPDATE SKIP LOCKED) q
+    UNION ALL
+    SELECT q.id, q.tenant_id, q.segments, 1 AS urgent
+    FROM unnest($5::text[]) AS t(id) CROSS JOIN LATERAL (
+        SELECT m.id, m.tenant_id, m.segments FROM sendd.message m
+        WHERE m.tenant_id = t.id AND m.campaign_id IS NULL AND m.status = 'queued'
+          AND m.next_attempt_at <= now() AND m.account = ANY($6::text[])
+        ORDER BY m.priority DESC, m.next_attempt_at, m.id LIMIT $7
+        FOR UPDATE SKIP LOCKED) q
+), affordable AS (
+    SELECT c.id FROM (
+        SELECT candidate.id, b.budget, sum(candidate.segments) OVER (
+            PARTITION BY candidate.tenant_id ORDER BY candidate.urgent DESC, candidate.id) AS cost
+        FROM candidate JOIN budget b USING (tenant_id)) c
+    WHERE c.cost <= c.budget
+)
+UPDATE sendd.message m SET status = 'sending', lease_owner = $8
+FROM affordable a WHERE m.id = a.id AND sendd.transition_allowed(m.status, 'sending')
+RETURNING m.id, m.tenant_id, m.campaign_id, m.account, m.sender, m.recipient, m.body,
+          m.segments, m.attempts
+"""
+
+HOUSEKEEPING_INTERVAL = 1.0  # seconds between scheduled-campaign starts and credit checks
+
+START_SCHEDULED = """
+UPDATE sendd.campaign SET status = 'sending', started_at = now()
+WHERE status = 'scheduled' AND scheduled_at <= now()
+"""
+
+# The first due message of each of a tenant's sending campaigns: if none fits in the credits
+# left (with nothing in flight that could be refunded), the campaigns are paused for credits.
+CHEAPEST_NEXT = """
+SELECT min(q.segments) FROM sendd.campaign c CROSS JOIN LATERAL (
+    SELECT m.segments FROM sendd.message m
+    WHERE m.campaign_id = c.id AND m.status = 'queued' AND m.next_attempt_at <= now()
+    ORDER BY m.next_attempt_at, m.id LIMIT 1) q
+WHERE c.tenant_id = $1 AND c.status = 'sending'
+"""
+
+PAUSE_FOR_CREDITS = """
+UPDATE sendd.campaign SET status = 'paused', pause_reason = $2
+WHERE tenant_id = $1 AND status = 'sending'
+RETURNING id
+"""
+
+
+@dataclass
+class Claim:
+    messages: list[Message]
+    unserved: dict[str, int]  # tenant -> budget, for tenants that got nothing this time
+
+
+async def claim_due(conn: Any, runtime: Runtime) -> Claim:
+    """One claim transaction: up to about `claim_chunk` messages, fairly shared."""
+    chunk = runtime.config.pipeline.claim_chunk
+    accounts = [a for a in runtime.config.accounts if a not in runtime.excluded_accounts()]
+    paused = sorted(runtime.paused_tenants)
+    async with conn.transaction():
+        campaigns = await conn.fetch(ACTIVE_CAMPAIGNS, paused)
+        urgent_tenants = [r["id"] for r in await conn.fetch(TRANSACTIONAL_TENANTS, paused)]
+        tenants = sorted({r["tenant_id"] for r in campaigns} | set(urgent_tenants))
+        if not tenants or not accounts:
+            return Claim([], {})
+        budgets = {r["id"]: r["budget"] for r in await conn.fetch(TENANT_BUDGETS, tenants)}
+        per_campaign = math.ceil(chunk / max(1, len(campaigns)))
+        rows = await conn.fetch(
+            CLAIM, list(budgets), list(budgets.values()), [r["id"] for r in campaigns],
+            per_campaign, urgent_tenants, accounts, chunk, runtime.instance_id,
+        )
+    messages = [Message(*row) for row in rows]
+    claimed_tenants = {m.tenant_id for m in messages}
+    unserved = {t: b for t, b in budgets.items() if t not in claimed_tenants}
+    return Claim(messages, unserved)
+
+
+async def pause_starved(conn: Any, runtime: Runtime, unserved: dict[str, int]) -> None:
+    """Pause the sending campaigns of tenants whose credits cannot pay for their next message."""
+    for tenant, budget in unserved.items():
+        cheapest = await conn.fetchval(CHEAPEST_NEXT, tenant)
+        if cheapest is None or cheapest <= budget:
+            continue  # nothing due, or it fits: the claim lost a race, not the credits
+        in_flight = await conn.fetchval(
+            "SELECT count(*) FROM sendd.message WHERE tenant_id = $1 AND status = 'sending'",
+            tenant,
+        )
+        if in_flight:
+            continue  # outcomes pending: a rejection may still give credits back
+        reason = f"insufficient credits: {budget} left, the next message needs {cheapest}"
+        paused = await conn.fetch(PAUSE_FOR_CREDITS, tenant, reason)
+        for row in paused:
+            runtime.log.warning("campaign_paused", campaign=row["id"], tenant=tenant, reason=reason)
+
+
+async def run_poller(
+    runtime: Runtime,
+    claims: trio.MemorySendChannel[list[Message]],
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Claim until cancelled (drain cancels this actor first); closes `claims` when done."""
+    interval = runtime.config.pipeline.poll_interval
+    async with claims, runtime.pool.acquire() as conn:
+        await conn.add_listener("sendd_queued", lambda *_: runtime.wake_poller())
+        task_status.started()
+        next_housekeeping = 0.0
+        while True:
+            housekeeping = trio.current_time() >= next_housekeeping
+            if housekeeping:
+                await conn.execute(START_SCHEDULED)
+                next_housekeeping = trio.current_time() + HOUSEKEEPING_INTERVAL
+            runtime.wakeup = trio.Event()
+            claim = await claim_due(conn, runtime)
+            if housekeeping and claim.unserved:
+                await pause_starved(conn, runtime, claim.unserved)
+            if claim.messages:
+                await claims.send(claim.messages)
+                continue  # more may be due right away
+            with trio.move_on_after(interval):
+                await runtime.wakeup.wait()

@@ -1,0 +1,158 @@
+"""The sender pool: each worker takes a batch, waits for the rate governor, writes the durable
+"submitted" mark, calls the provider and turns its answer into per-message outcomes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import trio
+
+from sendd.backoff import retry_delay
+from sendd.config import RetryConfig
+from sendd.model import FAILED, RELEASE, RETRY, SENT, UNKNOWN, Batch, BatchResult, Message, Outcome
+from sendd.providers import base
+from sendd.runtime import Runtime
+
+# The mark is only written while this daemon's lease has at least this much life left beyond
+# the provider timeout, so a reaper can never take over work that is still on the wire.
+LEASE_MARGIN = 2.0
+
+MARK_SUBMITTED = """
+INSERT INTO sendd.submission (instance_id, account, message_ids)
+SELECT $1, $2, $3::bigint[] WHERE EXISTS (
+    SELECT 1 FROM sendd.instance i WHERE i.id = $1 AND i.stopped_at IS NULL
+      AND i.lease_until > now() + make_interval(secs => $4))
+RETURNING id
+"""
+
+
+class LeaseLost(Exception):
+    """This daemon's lease ended (e.g. the database was away too long): its claims may already
+    belong to another daemon, so it must not send them. The daemon exits and restarts."""
+
+
+async def run_sender(
+    runtime: Runtime,
+    batches: trio.MemoryReceiveChannel[Batch],
+    results: trio.MemorySendChannel[BatchResult],
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Send batches until the batches channel ends; closes its clone of `results`."""
+    async with results:
+        task_status.started()
+        async for batch in batches:
+            for result in await send_batch(runtime, batch):
+                await results.send(result)
+
+
+async def send_batch(runtime: Runtime, batch: Batch) -> list[BatchResult]:
+    """One batch through governor, mark and provider; a 413 splits it and sends the halves."""
+    if batch.account in runtime.suspended:
+        return [BatchResult(None, [Outcome(m, RELEASE, counts_attempt=False) for m in batch.messages])]
+    await runtime.governor.acquire(batch.account, batch.tenant_id, len(batch.messages))
+    batch.submission_id = await mark_submitted(runtime, batch)
+    started = time.perf_counter()
+    response = await runtime.providers[batch.account].send(batch.messages)
+    if response.kind == base.TOO_LARGE and len(batch.messages) > 1:
+        return [BatchResult(batch.submission_id)] + await _split(runtime, batch)
+    outcomes = classify(runtime, batch, response)
+    _log_batch(runtime, batch, response, outcomes, time.perf_counter() - started)
+    return [BatchResult(batch.submission_id, outcomes)]
+
+
+async def mark_submitted(runtime: Runtime, batch: Batch) -> int:
+    """Write the durable mark before the request, fenced by this daemon's lease."""
+    timeout = runtime.config.accounts[batch.account].timeout
+    async with runtime.pool.acquire() as conn:
+        mark = await conn.fetchval(
+            MARK_SUBMITTED, runtime.instance_id, batch.account,
+            [m.id for m in batch.messages], timeout + LEASE_MARGIN,
+        )
+    if mark is None:
+        raise LeaseLost(f"lease of instance {runtime.instance_id} ended; not sending")
+    return mark
+
+
+async def _split(runtime: Runtime, batch: Batch) -> list[BatchResult]:
+    half = len(batch.messages) // 2
+    runtime.batch_cap[batch.account] = min(runtime.batch_cap.get(batch.account, half), half)
+    runtime.log.warning("batch_too_large", account=batch.account, size=len(batch.messages),
+                        new_max=runtime.batch_cap[batch.account])
+    results = []
+    for part in (batch.messages[:half], batch.messages[half:]):
+        results += await send_batch(runtime, Batch(batch.account, batch.tenant_id, part))
+    return results
+
+
+def classify(runtime: Runtime, batch: Batch, response: base.SendResponse) -> list[Outcome]:
+    """Per-message outcomes for a provider response (PROVIDERS.md's table)."""
+    retry = runtime.config.retry
+    kind = response.kind
+    if kind == base.OK:
+        runtime.governor.reward(batch.account)
+        return accepted_or_rejected(batch, response)
+    if kind == base.SUSPEND:
+        runtime.suspended[batch.account] = response.error
+        runtime.log.error("account_suspended", account=batch.account, reason=response.error)
+        return [Outcome(m, RELEASE, counts_attempt=False) for m in batch.messages]
+    if kind == base.THROTTLED:
+        runtime.governor.penalize(batch.account, response.retry_after)
+        wait = response.retry_after if response.retry_after is not None else retry.base_delay
+        return [
+            Outcome(m, RETRY, error_code="HTTP_429", error_text=response.error, retry_in=wait,
+                    counts_attempt=False)
+            for m in batch.messages
+        ]
+    if kind == base.FAILED:
+        return [Outcome(m, FAILED, error_code="HTTP_400", error_text=response.error)
+                for m in batch.messages]
+    # UNAVAILABLE, a 413 for a single message, and (until settlement lands) AMBIGUOUS.
+    code = "AMBIGUOUS" if kind == base.AMBIGUOUS else "UNAVAILABLE"
+    return [retry_or_fail(m, code, response.error, retry) for m in batch.messages]
+
+
+def accepted_or_rejected(batch: Batch, response: base.SendResponse) -> list[Outcome]:
+    by_reference = {r.reference: r for r in response.results}
+    outcomes = []
+    for message in batch.messages:
+        result = by_reference.get(message.reference)
+        if result is None:
+            # The provider answered but said nothing of this message: it may have been sent.
+            outcomes.append(Outcome(message, UNKNOWN, error_code="MISSING_RESULT",
+                                    error_text="the provider's answer did not list it"))
+        elif result.accepted:
+            outcomes.append(Outcome(message, SENT, bulk_id=response.bulk_id,
+                                    provider_message_id=result.message_id))
+        else:
+            outcomes.append(Outcome(message, FAILED, bulk_id=response.bulk_id,
+                                    error_code=result.error_code, error_text=result.error_text))
+    return outcomes
+
+
+def retry_or_fail(message: Message, code: str, error: str, retry: RetryConfig) -> Outcome:
+    """Retry with backoff, or fail with the last error once the attempts are used up."""
+    attempts = message.attempts + 1
+    if attempts >= retry.max_attempts:
+        return Outcome(message, FAILED, error_code=code, error_text=error)
+    delay = retry_delay(attempts, base=retry.base_delay, cap=retry.max_delay, jitter=retry.jitter)
+    return Outcome(message, RETRY, error_code=code, error_text=error, retry_in=delay)
+
+
+def _log_batch(runtime: Runtime, batch: Batch, response: base.SendResponse,
+               outcomes: list[Outcome], seconds: float) -> None:
+    counts: dict[str, int] = {}
+    for outcome in outcomes:
+        counts[outcome.status] = counts.get(outcome.status, 0) + 1
+    runtime.outcomes.update(counts)
+    fields: dict[str, Any] = {
+        "batch": batch.submission_id, "account": batch.account, "tenant": batch.tenant_id,
+        "campaigns": sorted({m.campaign_id for m in batch.messages if m.campaign_id}),
+        "size": len(batch.messages), "bulk_id": response.bulk_id, "ms": round(seconds * 1000, 1),
+        **counts,
+    }
+    if response.kind == base.OK:
+        runtime.log.info("batch_sent", **fields)
+    else:
+        runtime.log.warning("batch_not_sent", outcome=response.kind, error=response.error, **fields)

@@ -1,0 +1,117 @@
+"""The writer: group-commits outcomes, one statement per flush.
+
+A flush updates every message of the pending results and deletes their submission marks in
+one statement (one round trip, one transaction); the schema's triggers keep campaign
+counters, completion, credits and the ledger in the same transaction. When the database is
+away the writer keeps its results and retries; meanwhile it stops receiving, so the senders
+and then the poller stop too (the results are bounded by the channel).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from sendd.backoff import retry_delay
+from sendd.db import RETRYABLE_ERRORS
+from sendd.model import FAILED, RELEASE, RETRY, SENT, UNKNOWN, BatchResult, Outcome
+from sendd.runtime import Runtime
+
+STORED_STATUS = {SENT: "sent", FAILED: "failed", RETRY: "queued", RELEASE: "queued",
+                 UNKNOWN: "unknown"}
+
+WRITE_OUTCOMES = """
+WITH marks AS (DELETE FROM sendd.submission WHERE id = ANY($1::bigint[]))
+UPDATE sendd.message m SET
+    status = CASE WHEN r.status = 'queued' AND EXISTS (
+                      SELECT 1 FROM sendd.campaign c
+                      WHERE c.id = m.campaign_id AND c.status = 'cancelled')
+                  THEN 'cancelled' ELSE r.status END,
+    attempts = m.attempts + r.attempt,
+    next_attempt_at = CASE WHEN r.status = 'queued'
+                           THEN now() + make_interval(secs => r.retry_in)
+                           ELSE m.next_attempt_at END,
+    bulk_id = coalesce(r.bulk_id, m.bulk_id),
+    provider_message_id = coalesce(r.provider_message_id, m.provider_message_id),
+    error_code = CASE WHEN r.status = 'sent' THEN NULL ELSE coalesce(r.code, m.error_code) END,
+    error_text = CASE WHEN r.status = 'sent' THEN NULL ELSE coalesce(r.text, m.error_text) END,
+    sent_at = CASE WHEN r.status = 'sent' THEN now() ELSE m.sent_at END,
+    finished_at = CASE WHEN r.status = 'queued' THEN NULL ELSE now() END,
+    lease_owner = NULL
+FROM unnest($2::bigint[], $3::text[], $4::int[], $5::float8[], $6::text[], $7::text[],
+            $8::text[], $9::text[])
+     AS r(id, status, attempt, retry_in, bulk_id, provider_message_id, code, text)
+WHERE m.id = r.id AND m.status = 'sending' AND m.lease_owner = $10
+  AND sendd.transition_allowed(m.status, r.status)
+"""
+
+
+def outcome_columns(outcomes: list[Outcome]) -> list[list[Any]]:
+    """The outcomes as column arrays for one `unnest` (one round trip for any number)."""
+    columns: list[list[Any]] = [[] for _ in range(8)]
+    for o in outcomes:
+        values = (o.message.id, STORED_STATUS[o.status], int(o.counts_attempt), o.retry_in,
+                  o.bulk_id, o.provider_message_id, o.error_code, o.error_text)
+        for column, value in zip(columns, values, strict=True):
+            column.append(value)
+    return columns
+
+
+async def write_results(conn: Any, instance_id: str, results: list[BatchResult]) -> int:
+    """Store every outcome and close the submission marks; returns the rows changed."""
+    marks = [r.submission_id for r in results if r.submission_id is not None]
+    outcomes = [o for r in results for o in r.outcomes]
+    status = await conn.execute(WRITE_OUTCOMES, marks, *outcome_columns(outcomes), instance_id)
+    return int(status.split()[-1])
+
+
+async def run_writer(
+    runtime: Runtime,
+    results: trio.MemoryReceiveChannel[BatchResult],
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Flush results until the results channel ends and everything pending is stored."""
+    pipeline = runtime.config.pipeline
+    linger = pipeline.writer_flush_ms / 1000
+    pending: list[BatchResult] = []
+    size = 0
+    flush_at = float("inf")  # the first pending result waits at most `linger`
+    task_status.started()
+    while True:
+        with trio.move_on_at(flush_at) as waiting:
+            try:
+                result = await results.receive()
+            except trio.EndOfChannel:
+                await flush(runtime, pending)
+                return
+        if not waiting.cancelled_caught:
+            if not pending:
+                flush_at = trio.current_time() + linger
+            pending.append(result)
+            size += len(result.outcomes)
+            if size < pipeline.writer_max_results:
+                continue
+        await flush(runtime, pending)
+        pending, size, flush_at = [], 0, float("inf")
+
+
+async def flush(runtime: Runtime, pending: list[BatchResult]) -> None:
+    """Write until it succeeds: a database outage delays results, never loses them."""
+    if not pending:
+        return
+    failures = 0
+    while True:
+        try:
+            async with runtime.pool.acquire() as conn:
+                written = await write_results(conn, runtime.instance_id, pending)
+            break
+        except RETRYABLE_ERRORS as error:
+            failures += 1
+            delay = retry_delay(min(failures, 6), base=0.2, cap=5.0)
+            runtime.log.warning("writer_retry", error=str(error) or type(error).__name__,
+                                results=sum(len(r.outcomes) for r in pending), retry_in=delay)
+            await trio.sleep(delay)
+    expected = sum(len(r.outcomes) for r in pending)
+    if written != expected:
+        runtime.log.warning("writer_rows_skipped", expected=expected, written=written)

@@ -1,0 +1,74 @@
+"""PostgreSQL access for trio: asyncpg through triopg, under a trio-asyncio loop.
+
+One round trip through the bridge costs a few hundred microseconds, so every hot-path query
+works on whole batches (arrays and unnest), never on one row at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import asyncpg
+import trio
+import trio_asyncio
+import triopg
+
+from sendd.config import mask_url
+from sendd.errors import UserError
+
+T = TypeVar("T")
+
+# Errors that mean "the database went away or is restarting": callers retry these.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    trio.BrokenResourceError,
+)
+# Errors a transaction can be retried after as it is.
+RETRYABLE_ERRORS: tuple[type[BaseException], ...] = CONNECTION_ERRORS + (
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+)
+
+
+def run(main: Callable[[], Awaitable[T]]) -> T:
+    """trio.run with the asyncio bridge that asyncpg needs."""
+
+    async def with_loop() -> T:
+        async with trio_asyncio.open_loop():
+            return await main()
+
+    return trio.run(with_loop)
+
+
+def _unavailable(url: str, error: BaseException) -> UserError:
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return UserError(
+        f"cannot connect to the database at {mask_url(url)}: {reason} "
+        "(is PostgreSQL running? set database.url or --database-url)"
+    )
+
+
+@asynccontextmanager
+async def connect(url: str, timeout: float = 10.0) -> AsyncIterator[Any]:
+    """One connection, with a clear UserError when the database cannot be reached."""
+    try:
+        cm = triopg.connect(url, timeout=timeout)
+        conn = await cm.__aenter__()
+    except (*CONNECTION_ERRORS, asyncpg.PostgresError, TimeoutError) as error:
+        raise _unavailable(url, error) from None
+    try:
+        yield conn
+    finally:
+        with trio.CancelScope(shield=True):
+            try:
+                await cm.__aexit__(None, None, None)
+            except CONNECTION_ERRORS:
+                pass  # closing a connection the server already dropped

@@ -1,0 +1,243 @@
+"""Exact rate limits: never more than ``limit`` units in ANY half-open window ``[t, t + window)``.
+
+Why not GCRA (or a token bucket): GCRA spaces single units evenly and lets a burst through as
+long as the theoretical arrival time allows it. When one request carries ``n`` units at once (a
+bulk batch of ``n`` messages), the bucket can be full at the end of one window and full again
+right after, so a window straddling the two can see up to ``2 * limit - 1`` units. The provider
+counts every message, so that would be a 429.
+
+What is used instead is a sliding-window log with reservations in the future: every grant is an
+entry ``(time, units)``, the entries are in non-decreasing time order, and a new grant of ``u``
+units goes at the earliest time ``t >= max(now, last entry)`` at which the units already in
+``(t - window, t]`` plus ``u`` fit in ``limit``. Since every entry is at or before ``t``, that sum
+is the busiest window containing ``t``, so the invariant holds for every window. Grants are
+FIFO (times never decrease), so no caller waits behind later ones.
+
+Waiting bound: a grant is never placed more than one ``window`` after the previous one (by then
+the previous entries have all left the window). With unit-size grants the queue drains at
+``limit`` per window. With mixed sizes, FIFO packing can waste up to about half of each window
+(a 1-unit grant then a ``limit``-unit grant cannot share a window), so the worst case is about
+``2 * ceil(queued_units / limit)`` windows; no FIFO scheme that keeps the exact limit does better.
+
+Time comparisons use ``entry_time + window`` consistently (never ``t - window``), so a grant
+placed at ``entry_time + window`` is exactly at the edge of that entry's window in floating
+point as well.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+# max_batch() when no message limit applies.
+UNLIMITED_BATCH = sys.maxsize
+
+
+class WindowLimit:
+    """At most ``limit`` units in any half-open window of ``window`` seconds; ``limit <= 0`` means
+    unlimited."""
+
+    def __init__(self, limit: int, window: float = 1.0) -> None:
+        if window <= 0:
+            raise ValueError(f"window must be positive, got {window}")
+        self.limit = limit
+        self.window = window
+        # Entries live in two parallel lists from index _head on (cheap pruning and bisecting);
+        # _cum[i] is the running total of units up to and including entry i, and _base the
+        # total of the entries already compacted away.
+        self._times: list[float] = []
+        self._cum: list[int] = []
+        self._head = 0
+        self._base = 0
+
+    def set_limit(self, limit: int) -> None:
+        """Change the limit live; the log is kept, so a lower limit waits for it to drain."""
+        self.limit = limit
+
+    def earliest(self, units: int, now: float) -> float:
+        """Earliest time ``>= now`` (and ``>=`` the last grant) at which ``units`` fit."""
+        if self.limit > 0 and units > self.limit:
+            raise ValueError(f"{units} units can never fit in a limit of {self.limit}")
+        return self._earliest(units, now)
+
+    def reserve(self, units: int, now: float) -> float:
+        """Grant ``units`` at the earliest time they fit, record the grant and return its time."""
+        at = self.earliest(units, now)
+        self._record(at, units)
+        return at
+
+    def entries(self) -> list[tuple[float, int]]:
+        """The recorded ``(time, units)`` grants still kept (for status and tests)."""
+        out, previous = [], self._cum_before(self._head)
+        for at, cum in zip(self._times[self._head :], self._cum[self._head :], strict=True):
+            out.append((at, cum - previous))
+            previous = cum
+        return out
+
+    def _earliest(self, units: int, now: float) -> float:
+        """As ``earliest`` but an oversized grant is placed alone in its window instead of
+        raising (used by the governor after a limit was lowered under an in-flight batch)."""
+        if units < 1:
+            raise ValueError(f"units must be >= 1, got {units}")
+        if self.limit <= 0:
+            return now
+        self._prune(now)
+        if self._head == len(self._times):
+            return now
+        start = max(now, self._times[-1])
+        capacity = max(self.limit, units)
+        # Entries from index `first` on are still inside the window ending at `start`.
+        first = bisect.bisect_right(self._times, start, lo=self._head, key=self._expiry)
+        total = self._cum[-1]
+        if total - self._cum_before(first) + units <= capacity:
+            return start
+        # Entries up to the first index whose running total reaches `need` must leave the window.
+        need = total + units - capacity
+        gone = bisect.bisect_left(self._cum, need, lo=first)
+        return self._expiry(self._times[gone])
+
+    def _record(self, at: float, units: int) -> None:
+        if self.limit <= 0:
+            return  # unlimited: nothing to remember (and `at` may precede the last entry)
+        total = self._cum[-1] if self._cum else self._base
+        self._times.append(at)
+        self._cum.append(total + units)
+
+    def _expiry(self, at: float) -> float:
+        return at + self.window
+
+    def _cum_before(self, index: int) -> int:
+        return self._cum[index - 1] if index > 0 else self._base
+
+    def _prune(self, now: float) -> None:
+        """Forget entries whose window ended at or before ``now``; compact now and then."""
+        self._head = bisect.bisect_right(self._times, now, lo=self._head, key=self._expiry)
+        if self._head > 64 and self._head * 2 > len(self._times):
+            self._base = self._cum[self._head - 1]
+            del self._times[: self._head]
+            del self._cum[: self._head]
+            self._head = 0
+
+
+@dataclass
+class _Account:
+    msgs: int  # configured limits; the WindowLimits hold the effective (backed-off) ones
+    reqs: int
+    msg_log: WindowLimit = field(init=False)
+    req_log: WindowLimit = field(init=False)
+    not_before: float = float("-inf")  # from a 429's Retry-After
+
+    def __post_init__(self) -> None:
+        self.msg_log = WindowLimit(self.msgs)
+        self.req_log = WindowLimit(self.reqs)
+
+
+class Governor:
+    """Per-account message and request limits plus per-tenant message limits, all exact.
+
+    One grant satisfies all three at once: the latest of the three earliest times works for
+    every limit, because once a limit's earliest time has passed its window only empties.
+    Tenants the governor does not know are unlimited; unknown accounts raise ``KeyError``.
+    """
+
+    def __init__(self, clock: Callable[[], float] = trio.current_time) -> None:
+        self._clock = clock
+        self._accounts: dict[str, _Account] = {}
+        self._tenants: dict[str, WindowLimit] = {}
+
+    def set_account(self, name: str, msgs_per_s: int, reqs_per_s: int) -> None:
+        """Add or reconfigure an account (0 = unlimited); a back-off in progress is kept."""
+        account = self._accounts.get(name)
+        if account is None:
+            self._accounts[name] = _Account(msgs_per_s, reqs_per_s)
+            return
+        account.msg_log.set_limit(_reconfigured(account.msgs, account.msg_log.limit, msgs_per_s))
+        account.req_log.set_limit(_reconfigured(account.reqs, account.req_log.limit, reqs_per_s))
+        account.msgs, account.reqs = msgs_per_s, reqs_per_s
+
+    def set_tenant(self, tenant: str, msgs_per_s: int) -> None:
+        """Add or change a tenant's message limit (0 = unlimited)."""
+        log = self._tenants.get(tenant)
+        if log is None:
+            self._tenants[tenant] = WindowLimit(msgs_per_s)
+        else:
+            log.set_limit(msgs_per_s)
+
+    def max_batch(self, account: str, tenant: str) -> int:
+        """Largest unit count one grant can take now: the smallest message limit that applies."""
+        limits = [self._accounts[account].msg_log.limit, self._tenant_log(tenant).limit]
+        positive = [limit for limit in limits if limit > 0]
+        return min(positive) if positive else UNLIMITED_BATCH
+
+    def reserve(self, account: str, tenant: str, units: int) -> float:
+        """Grant ``units`` messages in one request; returns the time the request may go out.
+
+        A batch sized under an older, higher limit (a 429 or a live change came in between) is
+        still granted, alone in its window, rather than failing in flight.
+        """
+        entry = self._accounts[account]
+        now = self._clock()
+        grants = [(entry.msg_log, units), (entry.req_log, 1), (self._tenant_log(tenant), units)]
+        at = max(now, entry.not_before, *(log._earliest(n, now) for log, n in grants))
+        for log, n in grants:
+            log._record(at, n)
+        return at
+
+    async def acquire(self, account: str, tenant: str, units: int) -> float:
+        """Reserve, then sleep until the grant's time; returns the seconds waited.
+
+        If cancelled while waiting the grant stays recorded: capacity is wasted, never exceeded.
+        """
+        start = self._clock()
+        at = self.reserve(account, tenant, units)
+        await trio.sleep_until(at)
+        return max(0.0, at - start)
+
+    def penalize(self, account: str, retry_after: float | None) -> None:
+        """On a 429: halve the effective limits (never below 1) and honour ``Retry-After``."""
+        entry = self._accounts[account]
+        for log in (entry.msg_log, entry.req_log):
+            if log.limit > 0:
+                log.set_limit(max(1, log.limit // 2))
+        if retry_after is not None and retry_after > 0:
+            entry.not_before = max(entry.not_before, self._clock() + retry_after)
+
+    def reward(self, account: str) -> None:
+        """On a success: grow the effective limits back by 10% of the configured ones."""
+        entry = self._accounts[account]
+        entry.msg_log.set_limit(_grown(entry.msg_log.limit, entry.msgs))
+        entry.req_log.set_limit(_grown(entry.req_log.limit, entry.reqs))
+
+    def effective(self, account: str) -> tuple[int, int]:
+        """The account's current (messages/s, requests/s) limits; 0 means unlimited."""
+        entry = self._accounts[account]
+        return entry.msg_log.limit, entry.req_log.limit
+
+    def _tenant_log(self, tenant: str) -> WindowLimit:
+        log = self._tenants.get(tenant)
+        return log if log is not None else _UNLIMITED
+
+
+# Shared stand-in for unknown tenants: unlimited logs record nothing, so sharing is safe.
+_UNLIMITED = WindowLimit(0)
+
+
+def _grown(effective: int, configured: int) -> int:
+    """Additive increase by 10% of the configured limit, rounded up so that ten successes
+    always undo any back-off."""
+    if configured <= 0:
+        return configured
+    return min(configured, effective + math.ceil(configured / 10))
+
+
+def _reconfigured(old_configured: int, effective: int, new_configured: int) -> int:
+    """New effective limit after a live change: keep a back-off, but never exceed the new limit."""
+    backed_off = 0 < old_configured and 0 < effective < old_configured
+    if backed_off and new_configured > 0:
+        return min(effective, new_configured)
+    return new_configured

@@ -1,0 +1,61 @@
+"""State the actors share: configuration, the database pool, providers, pauses, counters.
+
+Actors still talk to each other only through channels; this is the read-mostly context they
+are started with, and what status and metrics read.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import trio
+
+from sendd.config import Config
+from sendd.providers.base import Provider
+from sendd.ratelimit import Governor
+
+
+def new_instance_id(configured: str = "") -> str:
+    """A fresh id per start, so a restarted daemon never mistakes old leases for its own."""
+    base = configured or f"{socket.gethostname()}-{os.getpid()}"
+    return f"{base}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class Runtime:
+    config: Config
+    instance_id: str
+    pool: Any
+    governor: Governor
+    providers: dict[str, Provider]
+    log: Any = field(default_factory=structlog.get_logger)
+    # Accounts suspended by the provider (401/403/402): account -> reason.
+    suspended: dict[str, str] = field(default_factory=dict)
+    # Operator pauses (control socket).
+    paused_accounts: set[str] = field(default_factory=set)
+    paused_tenants: set[str] = field(default_factory=set)
+    # Accounts whose provider refused a batch as too large: account -> the size that fits.
+    batch_cap: dict[str, int] = field(default_factory=dict)
+    # Messages by outcome, for status, metrics and the demo.
+    outcomes: Counter[str] = field(default_factory=Counter)
+    # Set to wake the poller early (new work was queued, a pause was lifted).
+    wakeup: trio.Event = field(default_factory=trio.Event)
+
+    def excluded_accounts(self) -> list[str]:
+        """Accounts the poller must not claim for: suspended, paused or not configured here."""
+        return sorted(set(self.suspended) | self.paused_accounts)
+
+    def max_batch(self, account: str, tenant: str) -> int:
+        """The largest batch for an account and tenant: provider limit, 413s and rate limits."""
+        configured = self.config.accounts[account].max_batch
+        cap = self.batch_cap.get(account, configured)
+        return max(1, min(configured, cap, self.governor.max_batch(account, tenant)))
+
+    def wake_poller(self) -> None:
+        self.wakeup.set()
