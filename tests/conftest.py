@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+
 from sendd.pgserver import PrivatePostgres, PrivateRedis
 
 # --- Private servers ------------------------------------------------------------------------
@@ -36,4 +37,13 @@ def database_url(pg_server: PrivatePostgres, request: pytest.FixtureRequest) -> 
     pg_server.drop_database(name)
 
 
-# --- Further fixtures -----------------------------------------------------------------------
+# --- End-to-end fixtures (see harness.py) ----------------------------------------------------
+
+
+@pytest.fixture
+def fake_provider() -> Iterator:
+    """The fake mitto provider as a real process; tests change it live with .control()."""
+    from harness import FakeProvider
+
+    with FakeProvider() as provider:
+        yield provider

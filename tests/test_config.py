@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from sendd import config as cfg
 from sendd.config import (
     AccountConfig,

@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 import redis
 import trio
+
 from sendd import pgserver
 from sendd.pgserver import PrivatePostgres, PrivateRedis, ServerError, free_port
 

@@ -247,7 +247,8 @@ def test_governor_holds_every_limit(steps: list) -> None:
         prior = [logs[k][-1][0] for k in limited if logs[k]]
         at = governor.reserve(account, tenant, units)
         assert clock.now <= at <= max([clock.now, *(t + 1.0 for t in prior)])
-        for kind, name, n in (("msgs", account, units), ("reqs", account, 1), ("msgs", tenant, units)):
+        uses = (("msgs", account, units), ("reqs", account, 1), ("msgs", tenant, units))
+        for kind, name, n in uses:
             if name != "t2":  # unlimited: nothing to order
                 assert not logs[kind, name] or logs[kind, name][-1][0] <= at  # FIFO per limit
             logs[kind, name].append((at, n))

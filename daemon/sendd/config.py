@@ -148,7 +148,8 @@ class PipelineConfig:
     senders: int = _key(8, _ints(1, 256))
     writer_flush_ms: int = _key(20, _ints(0, 10_000))
     writer_max_results: int = _key(5000, _ints(1, 1_000_000))
-    lease_seconds: float = _key(30.0, _nums(5, 3600))
+    lease_seconds: float = _key(30.0, _nums(1, 3600))
+    settle_seconds: float = _key(60.0, _positive(86_400))  # lookups before a message is unknown
 
 
 @dataclass(frozen=True)

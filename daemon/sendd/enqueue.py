@@ -12,7 +12,7 @@ import re
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import phonenumbers
@@ -75,7 +75,7 @@ def parse_at(value: str) -> datetime:
         parsed = datetime.fromisoformat(value)
     except ValueError:
         raise UserError(f"--at: not an ISO 8601 time: {value!r}") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def read_recipients(
@@ -213,7 +213,7 @@ async def _check_tenant(conn: Any, tenant: str) -> None:
 
 
 async def _create_campaign(conn: Any, request: EnqueueRequest) -> int:
-    scheduled = request.at is not None and request.at > datetime.now(timezone.utc)
+    scheduled = request.at is not None and request.at > datetime.now(UTC)
     return await conn.fetchval(
         """INSERT INTO sendd.campaign (tenant_id, name, status, scheduled_at, started_at)
            VALUES ($1, $2, $3, $4, CASE WHEN $3 = 'sending' THEN now() END) RETURNING id""",

@@ -61,3 +61,13 @@ class BatchResult:
 
     submission_id: int | None
     outcomes: list[Outcome] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Unsettled:
+    """A submission mark without an outcome: the settler finds out what happened."""
+
+    submission_id: int
+    account: str
+    messages: list[Message]
+    not_before: float  # trio time: give a slow provider time to finish what it got

@@ -26,7 +26,7 @@ UCS2_PART = 67  # UTF-16 code units per part with UDH
 
 
 def encoding(text: str) -> str:
-    """Return ``"gsm7"`` if the text fits the GSM 03.38 alphabet (with extensions), else ``"ucs2"``."""
+    """``"gsm7"`` if the text fits the GSM 03.38 alphabet (with extensions), else ``"ucs2"``."""
     for ch in text:
         if ch not in GSM7_BASIC and ch not in GSM7_EXTENSION:
             return "ucs2"

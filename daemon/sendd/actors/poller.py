@@ -151,21 +151,41 @@ async def run_poller(
 ) -> None:
     """Claim until cancelled (drain cancels this actor first); closes `claims` when done."""
     interval = runtime.config.pipeline.poll_interval
+    def on_notify(*_: object) -> None:
+        runtime.wake_poller()
+
     async with claims, runtime.pool.acquire() as conn:
-        await conn.add_listener("sendd_queued", lambda *_: runtime.wake_poller())
-        task_status.started()
-        next_housekeeping = 0.0
-        while True:
-            housekeeping = trio.current_time() >= next_housekeeping
-            if housekeeping:
-                await conn.execute(START_SCHEDULED)
-                next_housekeeping = trio.current_time() + HOUSEKEEPING_INTERVAL
-            runtime.wakeup = trio.Event()
-            claim = await claim_due(conn, runtime)
-            if housekeeping and claim.unserved:
-                await pause_starved(conn, runtime, claim.unserved)
-            if claim.messages:
-                await claims.send(claim.messages)
-                continue  # more may be due right away
-            with trio.move_on_after(interval):
-                await runtime.wakeup.wait()
+        await conn.add_listener("sendd_queued", on_notify)
+        try:
+            task_status.started()
+            await _claim_forever(runtime, conn, claims, interval)
+        finally:
+            with trio.CancelScope(shield=True):
+                await conn.remove_listener("sendd_queued", on_notify)
+
+
+async def _claim_forever(runtime: Runtime, conn: Any, claims: trio.MemorySendChannel,
+                         interval: float) -> None:
+    """Claim, hand over, and wait for work (NOTIFY or the poll interval) when there is none."""
+    next_housekeeping = 0.0
+    while True:
+        housekeeping = trio.current_time() >= next_housekeeping
+        if housekeeping:
+            await housekeep(conn, runtime)
+            next_housekeeping = trio.current_time() + HOUSEKEEPING_INTERVAL
+        runtime.wakeup = trio.Event()
+        claim = await claim_due(conn, runtime)
+        if housekeeping and claim.unserved:
+            await pause_starved(conn, runtime, claim.unserved)
+        if claim.messages:
+            await claims.send(claim.messages)
+            continue  # more may be due right away
+        with trio.move_on_after(interval):
+            await runtime.wakeup.wait()
+
+
+async def housekeep(conn: Any, runtime: Runtime) -> None:
+    """Start scheduled campaigns that are due; pick up tenants' rate limits."""
+    await conn.execute(START_SCHEDULED)
+    for row in await conn.fetch("SELECT id, rate_msgs_per_s FROM sendd.tenant"):
+        runtime.governor.set_tenant(row["id"], row["rate_msgs_per_s"])

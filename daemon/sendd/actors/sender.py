@@ -11,7 +11,19 @@ import trio
 
 from sendd.backoff import retry_delay
 from sendd.config import RetryConfig
-from sendd.model import FAILED, RELEASE, RETRY, SENT, UNKNOWN, Batch, BatchResult, Message, Outcome
+from sendd.db import RETRYABLE_ERRORS
+from sendd.model import (
+    FAILED,
+    RELEASE,
+    RETRY,
+    SENT,
+    UNKNOWN,
+    Batch,
+    BatchResult,
+    Message,
+    Outcome,
+    Unsettled,
+)
 from sendd.providers import base
 from sendd.runtime import Runtime
 
@@ -37,17 +49,31 @@ async def run_sender(
     runtime: Runtime,
     batches: trio.MemoryReceiveChannel[Batch],
     results: trio.MemorySendChannel[BatchResult],
+    unsettled: trio.MemorySendChannel[Unsettled],
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Send batches until the batches channel ends; closes its clone of `results`."""
-    async with results:
+    """Send batches until the batches channel ends."""
+    async with batches, results, unsettled:
         task_status.started()
         async for batch in batches:
             for result in await send_batch(runtime, batch):
-                await results.send(result)
+                if isinstance(result, Unsettled):
+                    await hand_to_settler(runtime, unsettled, result)
+                else:
+                    await results.send(result)
 
 
-async def send_batch(runtime: Runtime, batch: Batch) -> list[BatchResult]:
+async def hand_to_settler(runtime: Runtime, unsettled: trio.MemorySendChannel[Unsettled],
+                          item: Unsettled) -> None:
+    try:
+        await unsettled.send(item)
+    except trio.BrokenResourceError:
+        # Draining: the settler is gone. The mark stays open and the messages stay leased, so
+        # whichever daemon adopts this instance's work settles them.
+        runtime.log.warning("settlement_deferred", batch=item.submission_id)
+
+
+async def send_batch(runtime: Runtime, batch: Batch) -> list[BatchResult | Unsettled]:
     """One batch through governor, mark and provider; a 413 splits it and sends the halves."""
     if batch.account in runtime.suspended:
         return [BatchResult(None, [Outcome(m, RELEASE, counts_attempt=False) for m in batch.messages])]
@@ -56,20 +82,36 @@ async def send_batch(runtime: Runtime, batch: Batch) -> list[BatchResult]:
     started = time.perf_counter()
     response = await runtime.providers[batch.account].send(batch.messages)
     if response.kind == base.TOO_LARGE and len(batch.messages) > 1:
-        return [BatchResult(batch.submission_id)] + await _split(runtime, batch)
+        return [BatchResult(batch.submission_id), *await _split(runtime, batch)]
+    if response.kind == base.AMBIGUOUS:
+        _log_batch(runtime, batch, response, [], time.perf_counter() - started)
+        # Give the provider as long again as we waited for it before looking references up.
+        not_before = trio.current_time() + runtime.config.accounts[batch.account].timeout
+        return [Unsettled(batch.submission_id, batch.account, batch.messages, not_before)]
     outcomes = classify(runtime, batch, response)
     _log_batch(runtime, batch, response, outcomes, time.perf_counter() - started)
     return [BatchResult(batch.submission_id, outcomes)]
 
 
 async def mark_submitted(runtime: Runtime, batch: Batch) -> int:
-    """Write the durable mark before the request, fenced by this daemon's lease."""
+    """Write the durable mark before the request, fenced by this daemon's lease.
+
+    While the database is away this waits (and the pipeline behind it stops); the heartbeat
+    decides when the outage has outlived the lease.
+    """
     timeout = runtime.config.accounts[batch.account].timeout
-    async with runtime.pool.acquire() as conn:
-        mark = await conn.fetchval(
-            MARK_SUBMITTED, runtime.instance_id, batch.account,
-            [m.id for m in batch.messages], timeout + LEASE_MARGIN,
-        )
+    ids = [m.id for m in batch.messages]
+    failures = 0
+    while True:
+        try:
+            async with runtime.pool.acquire() as conn:
+                mark = await conn.fetchval(MARK_SUBMITTED, runtime.instance_id, batch.account,
+                                           ids, timeout + LEASE_MARGIN)
+            break
+        except RETRYABLE_ERRORS as error:
+            failures += 1
+            runtime.log.warning("mark_retry", error=str(error) or type(error).__name__)
+            await trio.sleep(retry_delay(min(failures, 6), base=0.2, cap=5.0))
     if mark is None:
         raise LeaseLost(f"lease of instance {runtime.instance_id} ended; not sending")
     return mark
@@ -108,9 +150,8 @@ def classify(runtime: Runtime, batch: Batch, response: base.SendResponse) -> lis
     if kind == base.FAILED:
         return [Outcome(m, FAILED, error_code="HTTP_400", error_text=response.error)
                 for m in batch.messages]
-    # UNAVAILABLE, a 413 for a single message, and (until settlement lands) AMBIGUOUS.
-    code = "AMBIGUOUS" if kind == base.AMBIGUOUS else "UNAVAILABLE"
-    return [retry_or_fail(m, code, response.error, retry) for m in batch.messages]
+    # UNAVAILABLE, or a 413 for a single message.
+    return [retry_or_fail(m, "UNAVAILABLE", response.error, retry) for m in batch.messages]
 
 
 def accepted_or_rejected(batch: Batch, response: base.SendResponse) -> list[Outcome]:

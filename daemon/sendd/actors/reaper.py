@@ -1,0 +1,65 @@
+"""The heartbeat and the reaper: keep this daemon's lease fresh, adopt dead daemons' work."""
+
+from __future__ import annotations
+
+import trio
+
+from sendd import leases
+from sendd.actors.sender import LeaseLost
+from sendd.db import RETRYABLE_ERRORS
+from sendd.model import Message, Unsettled
+from sendd.runtime import Runtime
+
+
+async def run_heartbeat(
+    runtime: Runtime, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Renew the lease every third of its length; raise LeaseLost once it has ended.
+
+    A database outage shorter than the lease is ridden out. A longer one means another daemon
+    may have adopted our claims, so this daemon stops (and systemd starts a fresh one).
+    """
+    lease = runtime.config.pipeline.lease_seconds
+    valid_until = trio.current_time() + lease
+    task_status.started()
+    while True:
+        await trio.sleep(lease / 3)
+        try:
+            async with runtime.pool.acquire() as conn:
+                renewed = await leases.renew(conn, runtime.instance_id, lease)
+        except RETRYABLE_ERRORS as error:
+            if trio.current_time() < valid_until:
+                runtime.log.warning("heartbeat_failed", error=str(error) or type(error).__name__)
+                continue
+            renewed = False
+        if not renewed:
+            raise LeaseLost(f"lease of instance {runtime.instance_id} ended; exiting")
+        valid_until = trio.current_time() + lease
+
+
+async def run_reaper(
+    runtime: Runtime,
+    unsettled: trio.MemorySendChannel[Unsettled],
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Adopt the work of every daemon whose lease ended, now and every few seconds."""
+    interval = min(5.0, runtime.config.pipeline.lease_seconds / 3)
+    async with unsettled:
+        task_status.started()
+        while True:
+            async with runtime.pool.acquire() as conn:
+                while (adopted := await leases.adopt_expired(conn, runtime.instance_id)):
+                    await hand_over(runtime, conn, adopted, unsettled)
+            await trio.sleep(interval)
+
+
+async def hand_over(runtime: Runtime, conn, adopted: leases.Adopted,
+                    unsettled: trio.MemorySendChannel[Unsettled]) -> None:
+    runtime.log.warning("instance_adopted", dead=adopted.instance_id, released=adopted.released,
+                        marks=len(adopted.marks))
+    if adopted.released:
+        runtime.wake_poller()
+    for mark in adopted.marks:
+        rows = await leases.messages_of_mark(conn, mark["message_ids"], runtime.instance_id)
+        messages = [Message(*row) for row in rows]
+        await unsettled.send(Unsettled(mark["id"], mark["account"], messages, trio.current_time()))

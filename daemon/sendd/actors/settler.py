@@ -1,0 +1,86 @@
+"""The settler: decides what happened to work that may have reached a provider.
+
+Its input is submission marks without an outcome: batches whose request timed out after the
+body went out, and batches adopted from a daemon that died mid-request. Nothing is resent
+blindly: with `idempotent_references` the provider dedupes, so the messages are simply
+queued again; otherwise each reference is looked up. Found means sent (with the provider's
+id); not found means it is safe to send again; a lookup that keeps failing until the
+settlement window closes leaves the message `unknown`, with the reason.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from sendd.actors.sender import retry_or_fail
+from sendd.model import RETRY, SENT, UNKNOWN, BatchResult, Message, Outcome, Unsettled
+from sendd.providers.base import LookupResult
+from sendd.runtime import Runtime
+
+SETTLE_WORKERS = 4
+LOOKUP_CONCURRENCY = 32
+LOOKUP_RETRY = 1.0  # seconds between lookups of a reference whose lookup failed
+
+
+async def run_settler(
+    runtime: Runtime,
+    unsettled: trio.MemoryReceiveChannel[Unsettled],
+    results: trio.MemorySendChannel[BatchResult],
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Settle marks with a few workers until the unsettled channel ends."""
+    limiter = trio.CapacityLimiter(LOOKUP_CONCURRENCY)
+
+    async def worker(receive: trio.MemoryReceiveChannel[Unsettled],
+                     send: trio.MemorySendChannel[BatchResult]) -> None:
+        async with receive, send:
+            async for item in receive:
+                await send.send(await settle(runtime, item, limiter))
+
+    async with results, unsettled, trio.open_nursery() as nursery:
+        for _ in range(SETTLE_WORKERS):
+            nursery.start_soon(worker, unsettled.clone(), results.clone())
+        task_status.started()
+
+
+async def settle(runtime: Runtime, item: Unsettled, limiter: trio.CapacityLimiter) -> BatchResult:
+    account = runtime.config.accounts.get(item.account)
+    if account is not None and account.idempotent_references:
+        # The provider never sends one reference twice: resending is safe.
+        outcomes = [Outcome(m, RETRY, error_code="AMBIGUOUS", error_text="resent: idempotent "
+                            "references", counts_attempt=False) for m in item.messages]
+        return BatchResult(item.submission_id, outcomes)
+    await trio.sleep_until(item.not_before)
+    deadline = trio.current_time() + runtime.config.pipeline.settle_seconds
+    outcomes: list[Outcome] = []
+
+    async def settle_one(message: Message) -> None:
+        async with limiter:
+            outcomes.append(await settle_message(runtime, item.account, message, deadline))
+
+    async with trio.open_nursery() as nursery:
+        for message in item.messages:
+            nursery.start_soon(settle_one, message)
+    counts = {s: sum(1 for o in outcomes if o.status == s) for s in (SENT, RETRY, UNKNOWN)}
+    runtime.log.info("batch_settled", batch=item.submission_id, account=item.account, **counts)
+    runtime.outcomes.update({s: n for s, n in counts.items() if s != RETRY})
+    return BatchResult(item.submission_id, outcomes)
+
+
+async def settle_message(runtime: Runtime, account: str, message: Message,
+                         deadline: float) -> Outcome:
+    provider = runtime.providers.get(account)
+    result = LookupResult(None, error=f"account {account!r} is not configured here")
+    while provider is not None:
+        result = await provider.lookup(message.reference)
+        if result.found is not None or trio.current_time() + LOOKUP_RETRY > deadline:
+            break
+        await trio.sleep(LOOKUP_RETRY)
+    if result.found:
+        return Outcome(message, SENT, provider_message_id=result.message_id)
+    if result.found is False:
+        # The provider never accepted it: sending again cannot duplicate it.
+        return retry_or_fail(message, "NOT_ACCEPTED", "unknown to the provider after an "
+                             "ambiguous send", runtime.config.retry)
+    return Outcome(message, UNKNOWN, error_code="UNSETTLED",
+                   error_text=f"could not settle within the settlement window: {result.error}")

@@ -1,0 +1,186 @@
+"""`sendd run`: wires the actors together and runs them until drained.
+
+    poller ─[claims]─► batcher ─[batches]─► sender × N ─[results]─► writer
+      reaper ─[unsettled]─► settler ─[results]─┘   (senders hand ambiguous batches to the settler)
+
+Shutdown is layered: a drain cancels only the intake (poller, reaper); everything downstream
+finishes as its input channel ends, under the stop timeout. Then what never left is released.
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import trio
+import triopg
+
+from sendd import leases, migrate
+from sendd.actors.batcher import run_batcher
+from sendd.actors.poller import run_poller
+from sendd.actors.reaper import run_heartbeat, run_reaper
+from sendd.actors.sender import LEASE_MARGIN, LeaseLost, run_sender
+from sendd.actors.settler import run_settler
+from sendd.actors.writer import run_writer
+from sendd.config import Config, mask_url
+from sendd.db import CONNECTION_ERRORS
+from sendd.errors import UserError
+from sendd.providers import open_provider
+from sendd.ratelimit import Governor
+from sendd.runtime import Runtime, new_instance_id
+from sendd.supervisor import CrashLoop, Supervisor
+
+UNSETTLED_CAPACITY = 64
+
+
+async def run_daemon(config: Config, *, ready: trio.Event | None = None,
+                     drain: trio.Event | None = None) -> int:
+    """Run until SIGTERM/SIGINT (or `drain` is set); returns the process exit code."""
+    pipeline = config.pipeline
+    pool_size = max(config.database.pool_size, pipeline.senders + 6)
+    try:
+        pool_cm = triopg.create_pool(config.database.url, min_size=2, max_size=pool_size,
+                                     timeout=config.database.connect_timeout)
+        pool = await pool_cm.__aenter__()
+    except (*CONNECTION_ERRORS, TimeoutError) as error:
+        raise UserError(f"cannot connect to the database at {mask_url(config.database.url)}: "
+                        f"{error} (is PostgreSQL running? set database.url)") from None
+    try:
+        runtime = await _start_runtime(config, pool)
+        try:
+            return await _serve(runtime, ready, drain or trio.Event())
+        finally:
+            for provider in runtime.providers.values():
+                await provider.aclose()
+    finally:
+        with trio.CancelScope(shield=True):
+            await pool_cm.__aexit__(None, None, None)
+
+
+def check_lease(config: Config) -> None:
+    """The lease must outlive any provider request started while it was valid: a request is
+    only started with timeout + margin of lease left, and a heartbeat leaves at least 2/3."""
+    longest = max(account.timeout for account in config.accounts.values())
+    needed = 1.5 * (longest + LEASE_MARGIN)
+    if config.pipeline.lease_seconds <= needed:
+        raise UserError(f"pipeline.lease_seconds: must be more than {needed:g} (1.5 x the longest "
+                        f"account timeout, {longest:g}s, plus {LEASE_MARGIN:g}s)")
+
+
+async def _start_runtime(config: Config, pool: Any) -> Runtime:
+    if not config.accounts:
+        raise UserError("no [accounts.NAME] configured: sendd has no provider to send to")
+    check_lease(config)
+    async with pool.acquire() as conn:
+        version = await migrate.schema_version(conn)
+        newest = migrate.available_migrations()[-1][0]
+        if version < newest:
+            raise UserError(f"the database schema is at version {version}, this sendd needs "
+                            f"{newest}: run `sendd migrate` first")
+        instance_id = new_instance_id(config.daemon.instance_id)
+        await leases.register(conn, instance_id, config.pipeline.lease_seconds)
+    governor = Governor()
+    for account in config.accounts.values():
+        governor.set_account(account.name, account.msgs_per_s, account.reqs_per_s)
+    providers = {name: open_provider(account, config.pipeline.senders)
+                 for name, account in config.accounts.items()}
+    runtime = Runtime(config, instance_id, pool, governor, providers)
+    runtime.log = runtime.log.bind(instance=instance_id)
+    return runtime
+
+
+async def _serve(runtime: Runtime, ready: trio.Event | None, drain: trio.Event) -> int:
+    supervisor = Supervisor(runtime.log, fatal=(LeaseLost,))
+    exit_code = 0
+
+    def on_ready() -> None:
+        runtime.log.info("daemon_ready", accounts=sorted(runtime.providers))
+        if ready is not None:
+            ready.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.supervise, "heartbeat", run_heartbeat, runtime)
+            nursery.start_soon(_watch_signals, runtime, drain)
+            with trio.CancelScope() as pipeline_scope:
+                nursery.start_soon(_stop_after, runtime, drain, pipeline_scope)
+                await _run_pipeline(runtime, supervisor, drain, on_ready)
+            nursery.cancel_scope.cancel()
+    except* (CrashLoop, LeaseLost) as group:
+        runtime.log.error("daemon_failed", error=str(_first_leaf(group)))
+        exit_code = 1
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            await _finish(runtime)
+    return exit_code
+
+
+async def _stop_after(runtime: Runtime, drain: trio.Event, scope: trio.CancelScope) -> None:
+    """Once a drain starts, give the pipeline the stop timeout, then cancel what is left."""
+    await drain.wait()
+    runtime.log.info("drain_started", timeout=runtime.config.daemon.stop_timeout)
+    await trio.sleep(runtime.config.daemon.stop_timeout)
+    runtime.log.warning("drain_timeout", timeout=runtime.config.daemon.stop_timeout)
+    scope.cancel()
+
+
+async def _watch_signals(runtime: Runtime, drain: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                runtime.log.warning("reload_unsupported", detail="restart sendd to apply changes")
+            elif drain.is_set():
+                raise KeyboardInterrupt  # a second signal: stop now, leases settle the rest
+            else:
+                drain.set()
+
+
+async def _run_pipeline(runtime: Runtime, supervisor: Supervisor, drain: trio.Event,
+                        on_ready: Callable[[], None]) -> None:
+    """Start the actors tail first, report ready, and return once drained."""
+    cfg = runtime.config.pipeline
+    claims_send, claims_recv = trio.open_memory_channel(cfg.claim_capacity)
+    batches_send, batches_recv = trio.open_memory_channel(cfg.batch_capacity)
+    results_send, results_recv = trio.open_memory_channel(cfg.result_capacity)
+    unsettled_send, unsettled_recv = trio.open_memory_channel(UNSETTLED_CAPACITY)
+
+    def start(nursery: trio.Nursery, name: str, actor: Any, *channels: Any) -> Any:
+        run = functools.partial(supervisor.supervise, name, actor, runtime, channels=channels)
+        return nursery.start(run)
+
+    async with trio.open_nursery() as tail:
+        await start(tail, "writer", run_writer, results_recv)
+        await start(tail, "settler", run_settler, unsettled_recv, results_send.clone())
+        for number in range(cfg.senders):
+            await start(tail, f"sender-{number}", run_sender, batches_recv.clone(),
+                        results_send.clone(), unsettled_send.clone())
+        await start(tail, "batcher", run_batcher, claims_recv, batches_send)
+        # Only the clones handed out keep these open now, so the ends propagate downstream.
+        await batches_recv.aclose()
+        await results_send.aclose()
+        async with trio.open_nursery() as intake:
+            await start(intake, "poller", run_poller, claims_send)
+            await start(intake, "reaper", run_reaper, unsettled_send)
+            on_ready()
+            await drain.wait()
+            intake.cancel_scope.cancel()
+    runtime.log.info("drain_finished")
+
+
+async def _finish(runtime: Runtime) -> None:
+    """Release what never reached a provider; open marks are left for settlement."""
+    try:
+        async with runtime.pool.acquire() as conn:
+            open_marks = await leases.finish(conn, runtime.instance_id)
+    except CONNECTION_ERRORS as error:
+        runtime.log.warning("finish_failed", error=str(error), detail="leases will expire")
+        return
+    runtime.log.info("daemon_stopped", unsettled_batches=open_marks)
+
+
+def _first_leaf(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error

@@ -1,0 +1,117 @@
+"""Leases: every claim belongs to a daemon instance whose lease a heartbeat keeps fresh.
+
+A message's lease is its owner's lease, so keeping thousands of claims alive costs one row write
+per heartbeat. When an instance's lease ends (it crashed, or lost the database for longer than
+its lease), a reaper adopts its work: what never reached a provider goes back to the queue
+untouched, and what may have reached one (an open submission mark) is settled.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+REGISTER = """
+INSERT INTO sendd.instance (id, hostname, pid, lease_until)
+VALUES ($1, $2, $3, now() + make_interval(secs => $4))
+"""
+
+# Fails (no row) once the lease has ended or another daemon has adopted our work.
+RENEW = """
+UPDATE sendd.instance SET lease_until = now() + make_interval(secs => $2)
+WHERE id = $1 AND lease_until > now() AND stopped_at IS NULL
+RETURNING lease_until
+"""
+
+# Work that never left: sending rows of an instance without an open submission mark.
+RELEASE_UNSUBMITTED = """
+UPDATE sendd.message m SET status = 'queued', lease_owner = NULL
+WHERE m.lease_owner = $1 AND m.status = 'sending'
+  AND sendd.transition_allowed(m.status, 'queued')
+  AND NOT EXISTS (SELECT 1 FROM sendd.submission s
+                  WHERE s.instance_id = $1 AND m.id = ANY(s.message_ids))
+"""
+
+EXPIRED_INSTANCE = """
+SELECT id FROM sendd.instance
+WHERE id <> $1 AND lease_until < now() AND stopped_at IS NULL
+ORDER BY lease_until LIMIT 1 FOR UPDATE SKIP LOCKED
+"""
+
+ADOPT_MARKS = """
+UPDATE sendd.submission SET instance_id = $2 WHERE instance_id = $1
+RETURNING id, account, message_ids, created_at
+"""
+
+ADOPT_MESSAGES = """
+UPDATE sendd.message SET lease_owner = $2 WHERE lease_owner = $1 AND status = 'sending'
+"""
+
+MESSAGES_OF_MARK = """
+SELECT id, tenant_id, campaign_id, account, sender, recipient, body, segments, attempts
+FROM sendd.message WHERE id = ANY($1::bigint[]) AND status = 'sending' AND lease_owner = $2
+ORDER BY id
+"""
+
+
+@dataclass
+class Adopted:
+    """Submission marks taken over from a dead instance, to be settled."""
+
+    instance_id: str
+    released: int
+    marks: list[Any]
+
+
+async def register(conn: Any, instance_id: str, lease_seconds: float) -> None:
+    await conn.execute(REGISTER, instance_id, socket.gethostname(), os.getpid(), lease_seconds)
+
+
+async def renew(conn: Any, instance_id: str, lease_seconds: float) -> bool:
+    """Extend the lease; False when it had already ended (our claims may be someone else's)."""
+    return await conn.fetchval(RENEW, instance_id, lease_seconds) is not None
+
+
+async def release_unsubmitted(conn: Any, instance_id: str) -> int:
+    """Put back every claim of the instance that never reached a provider (no attempt used)."""
+    status = await conn.execute(RELEASE_UNSUBMITTED, instance_id)
+    return int(status.split()[-1])
+
+
+async def finish(conn: Any, instance_id: str) -> int:
+    """On a clean stop: release what never left; end the lease so open marks are adopted at once.
+
+    Returns the number of open submission marks left for a reaper to settle.
+    """
+    async with conn.transaction():
+        await release_unsubmitted(conn, instance_id)
+        open_marks = await conn.fetchval(
+            "SELECT count(*) FROM sendd.submission WHERE instance_id = $1", instance_id
+        )
+        if open_marks:
+            await conn.execute(
+                "UPDATE sendd.instance SET lease_until = now() WHERE id = $1", instance_id
+            )
+        else:
+            await conn.execute("DELETE FROM sendd.instance WHERE id = $1", instance_id)
+    return open_marks
+
+
+async def adopt_expired(conn: Any, instance_id: str) -> Adopted | None:
+    """Take over one dead instance's work in one transaction (only one reaper wins it)."""
+    async with conn.transaction():
+        dead = await conn.fetchval(EXPIRED_INSTANCE, instance_id)
+        if dead is None:
+            return None
+        released = await release_unsubmitted(conn, dead)
+        marks = await conn.fetch(ADOPT_MARKS, dead, instance_id)
+        await conn.execute(ADOPT_MESSAGES, dead, instance_id)
+        await conn.execute("DELETE FROM sendd.instance WHERE id = $1", dead)
+    return Adopted(dead, released, list(marks))
+
+
+async def messages_of_mark(conn: Any, message_ids: list[int], instance_id: str) -> list[Any]:
+    """The still-unsettled messages of an adopted mark."""
+    return await conn.fetch(MESSAGES_OF_MARK, message_ids, instance_id)

@@ -1,0 +1,251 @@
+"""Real processes for end-to-end tests: the fake provider, `sendd` commands and daemons.
+
+Everything here is plain synchronous code around subprocesses, so tests read top to bottom:
+start a provider, configure, enqueue, run a daemon, wait, check the rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+SENDD = [sys.executable, "-m", "sendd"]
+API_KEY = "test-key"
+
+# Fast settings for tests: short leases, short retries, small batches to exercise batching.
+TEST_PIPELINE = {
+    "claim_chunk": 500, "poll_interval": 0.2, "linger_ms": 10, "senders": 4,
+    "writer_flush_ms": 10, "lease_seconds": 6.0, "settle_seconds": 5.0,
+}
+TEST_RETRY = {"max_attempts": 5, "base_delay": 0.05, "max_delay": 0.5, "jitter": 0.2}
+
+
+def env() -> dict[str, str]:
+    """The environment for child processes: this checkout's package, no stray SENDD_ vars."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SENDD_")}
+    clean["PYTHONPATH"] = str(REPO / "daemon")
+    return clean
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1):
+    """Poll until predicate() is truthy; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+# --- database -------------------------------------------------------------------------------
+
+def query(url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+    async def run() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(url)
+        try:
+            return await conn.fetch(sql, *args)
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def scalar(url: str, sql: str, *args: Any) -> Any:
+    rows = query(url, sql, *args)
+    return rows[0][0] if rows else None
+
+
+def status_counts(url: str, campaign_id: int | None = None) -> dict[str, int]:
+    rows = query(url, "SELECT status, count(*) FROM sendd.message "
+                      "WHERE $1::bigint IS NULL OR campaign_id = $1 GROUP BY status", campaign_id)
+    return {r["status"]: r["count"] for r in rows}
+
+
+# --- fake provider --------------------------------------------------------------------------
+
+class FakeProvider:
+    """`python -m sendd.fakeprovider` as a real process on a free loopback port."""
+
+    def __init__(self, *flags: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "sendd.fakeprovider", "--port", "0", *flags],
+            stdout=subprocess.PIPE, env=env(), text=True,
+        )
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError("the fake provider did not start")
+        self.port = json.loads(line)["port"]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stats(self) -> dict[str, Any]:
+        return httpx.get(f"{self.url}/_stats", timeout=10).json()
+
+    def references(self) -> Any:
+        return httpx.get(f"{self.url}/_references", timeout=30).json()
+
+    def control(self, **settings: Any) -> None:
+        httpx.post(f"{self.url}/_control", json=settings, timeout=10).raise_for_status()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> FakeProvider:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --- configuration and commands -------------------------------------------------------------
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def write_config(path: Path, database_url: str, provider_url: str, *,
+                 accounts: dict[str, dict[str, Any]] | None = None,
+                 pipeline: dict[str, Any] | None = None,
+                 retry: dict[str, Any] | None = None,
+                 daemon: dict[str, Any] | None = None) -> Path:
+    """A config file for tests: one `main` mitto account at the fake provider by default."""
+    sections: dict[str, dict[str, Any]] = {
+        "database": {"url": database_url},
+        "daemon": {"log_level": "info", **(daemon or {})},
+        "pipeline": {**TEST_PIPELINE, **(pipeline or {})},
+        "retry": {**TEST_RETRY, **(retry or {})},
+    }
+    accounts = accounts or {"main": {}}
+    for name, overrides in accounts.items():
+        sections[f"accounts.{name}"] = {"kind": "mitto", "base_url": provider_url,
+                                         "api_key": API_KEY, "timeout": 1.5, **overrides}
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+def sendd(config: Path, *args: str, stdin: str | None = None,
+          check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a `sendd` command; with check, fail showing its stderr."""
+    result = subprocess.run([*SENDD, "--config", str(config), *args], input=stdin,
+                            capture_output=True, text=True, env=env(), timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"sendd {' '.join(args)} exited {result.returncode}: "
+                             f"{result.stderr.strip()}")
+    return result
+
+
+def sendd_json(config: Path, *args: str, stdin: str | None = None) -> Any:
+    return json.loads(sendd(config, *args, stdin=stdin).stdout)
+
+
+def numbers(count: int, start: int = 0) -> list[str]:
+    """Valid, distinct Greek mobile numbers."""
+    return [f"+3069{start + i:08d}" for i in range(count)]
+
+
+def write_recipients(path: Path, recipients: Iterable[str]) -> Path:
+    path.write_text("\n".join(recipients) + "\n")
+    return path
+
+
+def setup_database(config: Path, tenants: dict[str, int]) -> None:
+    """Migrate and create tenants with the given credits."""
+    sendd(config, "migrate")
+    for tenant, credits in tenants.items():
+        sendd(config, "tenant", "set", tenant, "--credits", str(credits))
+
+
+def enqueue(config: Path, tmp: Path, tenant: str, recipients: list[str], *extra: str,
+            text: str = "Hello from sendd") -> dict[str, Any]:
+    path = write_recipients(tmp / f"recipients-{tenant}-{time.monotonic_ns()}.txt", recipients)
+    return sendd_json(config, "enqueue", "--tenant", tenant, "--text", text,
+                      "--recipients", str(path), *extra)
+
+
+# --- the daemon -----------------------------------------------------------------------------
+
+class Daemon:
+    """`sendd run` as a real process; its JSON log lines are kept in a file."""
+
+    def __init__(self, config: Path, log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "a")  # noqa: SIM115 -- closed in wait()
+        self.process = subprocess.Popen([*SENDD, "--config", str(config), "run"],
+                                        stderr=self._log, stdout=self._log, env=env())
+
+    def wait_ready(self, timeout: float = 30) -> Daemon:
+        wait_until(lambda: self.process.poll() is not None or '"daemon_ready"' in self.log(),
+                   timeout, "the daemon to be ready")
+        if self.process.poll() is not None:
+            raise AssertionError(f"the daemon exited {self.process.returncode}:\n{self.log()}")
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        found = []
+        for line in self.log().splitlines():
+            if f'"{name}"' in line:
+                try:
+                    found.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+        return found
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.wait(10)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self._log.close()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+    def __enter__(self) -> Daemon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
