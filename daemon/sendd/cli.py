@@ -70,8 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+Handler = Callable[[argparse.Namespace, Config], int | None]
+
+
 def _command(commands: Any, common: argparse.ArgumentParser, name: str, help_text: str,
-             handler: Callable[[argparse.Namespace, Config], int | None]) -> argparse.ArgumentParser:
+             handler: Handler) -> argparse.ArgumentParser:
     sub = commands.add_parser(name, parents=[common], help=help_text, description=help_text)
     sub.set_defaults(handler=handler)
     return sub

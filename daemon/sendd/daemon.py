@@ -22,7 +22,7 @@ from sendd.actors.batcher import run_batcher
 from sendd.actors.poller import run_poller
 from sendd.actors.reaper import run_heartbeat, run_reaper
 from sendd.actors.sender import LEASE_MARGIN, LeaseLost, run_sender
-from sendd.actors.settler import run_settler
+from sendd.actors.settler import LOOKUP_CONCURRENCY, run_settler
 from sendd.actors.writer import run_writer
 from sendd.config import Config, mask_url
 from sendd.db import CONNECTION_ERRORS
@@ -84,7 +84,9 @@ async def _start_runtime(config: Config, pool: Any) -> Runtime:
     governor = Governor()
     for account in config.accounts.values():
         governor.set_account(account.name, account.msgs_per_s, account.reqs_per_s)
-    providers = {name: open_provider(account, config.pipeline.senders)
+    # Connections per provider: one per sender plus the settler's concurrent lookups.
+    connections = config.pipeline.senders + LOOKUP_CONCURRENCY
+    providers = {name: open_provider(account, connections)
                  for name, account in config.accounts.items()}
     runtime = Runtime(config, instance_id, pool, governor, providers)
     runtime.log = runtime.log.bind(instance=instance_id)

@@ -45,7 +45,19 @@ def run(main: Callable[[], Awaitable[T]]) -> T:
         async with trio_asyncio.open_loop():
             return await main()
 
-    return trio.run(with_loop)
+    try:
+        return trio.run(with_loop)
+    except BaseExceptionGroup as group:
+        # trio (strict exception groups) and trio-asyncio's nursery wrap whatever `main` raised;
+        # hand a lone error on as itself, so callers can catch UserError and friends.
+        raise _sole_error(group) from None
+
+
+def _sole_error(group: BaseExceptionGroup) -> BaseException:
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
 
 
 def _unavailable(url: str, error: BaseException) -> UserError:

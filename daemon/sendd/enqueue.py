@@ -150,7 +150,9 @@ def placeholders_in(text: str) -> set[str]:
     return {name.lower() for name in PLACEHOLDER.findall(text)}
 
 
-async def enqueue(conn: Any, request: EnqueueRequest, progress: TextIO | None = None) -> EnqueueResult:
+async def enqueue(
+    conn: Any, request: EnqueueRequest, progress: TextIO | None = None
+) -> EnqueueResult:
     """Validate and COPY every recipient in one transaction; returns the counts."""
     result = EnqueueResult()
     async with conn.transaction():
@@ -159,7 +161,8 @@ async def enqueue(conn: Any, request: EnqueueRequest, progress: TextIO | None = 
             result.campaign_id = await _create_campaign(conn, request)
         rows: list[tuple] = []
         placeholders = placeholders_in(request.text)
-        for number, raw, row in read_recipients(request.recipients, request.source_name, placeholders):
+        lines = read_recipients(request.recipients, request.source_name, placeholders)
+        for number, raw, row in lines:
             recipient = normalize_number(raw)
             if recipient is None:
                 _reject(result, number, raw)
@@ -183,7 +186,9 @@ def _reject(result: EnqueueResult, line_number: int, raw: str) -> None:
         result.rejected_sample.append(f"line {line_number}: {raw[:40]}")
 
 
-def _message_row(request: EnqueueRequest, campaign_id: int | None, recipient: str, row: dict) -> tuple:
+def _message_row(
+    request: EnqueueRequest, campaign_id: int | None, recipient: str, row: dict
+) -> tuple:
     body = render(request.text, {**row, "phone": recipient})
     priority = TRANSACTIONAL_PRIORITY if request.transactional else 0
     return (
@@ -192,7 +197,9 @@ def _message_row(request: EnqueueRequest, campaign_id: int | None, recipient: st
     )
 
 
-async def _copy(conn: Any, rows: list[tuple], result: EnqueueResult, progress: TextIO | None) -> None:
+async def _copy(
+    conn: Any, rows: list[tuple], result: EnqueueResult, progress: TextIO | None
+) -> None:
     if not rows:
         return
     await conn.copy_records_to_table(
@@ -208,7 +215,8 @@ async def _copy(conn: Any, rows: list[tuple], result: EnqueueResult, progress: T
 async def _check_tenant(conn: Any, tenant: str) -> None:
     if await conn.fetchval("SELECT 1 FROM sendd.tenant WHERE id = $1", tenant) is None:
         raise UserError(
-            f"unknown tenant {tenant!r}: create it first with `sendd tenant set {tenant} --credits N`"
+            f"unknown tenant {tenant!r}: create it first with "
+            f"`sendd tenant set {tenant} --credits N`"
         )
 
 

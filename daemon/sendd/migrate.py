@@ -37,7 +37,8 @@ async def migrate(conn: Any) -> list[str]:
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
         await conn.execute(BOOTSTRAP)
-        done = {r["version"] for r in await conn.fetch("SELECT version FROM sendd.schema_migration")}
+        rows = await conn.fetch("SELECT version FROM sendd.schema_migration")
+        done = {r["version"] for r in rows}
         for version, name, sql in available_migrations():
             if version in done:
                 continue

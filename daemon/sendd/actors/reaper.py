@@ -10,11 +10,14 @@ from sendd.db import RETRYABLE_ERRORS
 from sendd.model import Message, Unsettled
 from sendd.runtime import Runtime
 
+# Renewing often keeps the lease's remaining life well above what a request needs.
+HEARTBEATS_PER_LEASE = 6
+
 
 async def run_heartbeat(
     runtime: Runtime, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Renew the lease every third of its length; raise LeaseLost once it has ended.
+    """Renew the lease every sixth of its length; raise LeaseLost once it has ended.
 
     A database outage shorter than the lease is ridden out. A longer one means another daemon
     may have adopted our claims, so this daemon stops (and systemd starts a fresh one).
@@ -22,8 +25,12 @@ async def run_heartbeat(
     lease = runtime.config.pipeline.lease_seconds
     valid_until = trio.current_time() + lease
     task_status.started()
+    # Renew at once: the lease has been running since registration, and senders need
+    # timeout + margin of it left, which a late first renewal would not leave.
+    delay = 0.0
     while True:
-        await trio.sleep(lease / 3)
+        await trio.sleep(delay)
+        delay = lease / HEARTBEATS_PER_LEASE
         try:
             async with runtime.pool.acquire() as conn:
                 renewed = await leases.renew(conn, runtime.instance_id, lease)

@@ -40,6 +40,12 @@ RETURNING id
 """
 
 
+LEASE_ALIVE = """
+SELECT 1 FROM sendd.instance WHERE id = $1 AND stopped_at IS NULL AND lease_until > now()
+"""
+LEASE_WAIT = 0.05  # seconds between marks while the lease waits for its renewal
+
+
 class LeaseLost(Exception):
     """This daemon's lease ended (e.g. the database was away too long): its claims may already
     belong to another daemon, so it must not send them. The daemon exits and restarts."""
@@ -76,7 +82,8 @@ async def hand_to_settler(runtime: Runtime, unsettled: trio.MemorySendChannel[Un
 async def send_batch(runtime: Runtime, batch: Batch) -> list[BatchResult | Unsettled]:
     """One batch through governor, mark and provider; a 413 splits it and sends the halves."""
     if batch.account in runtime.suspended:
-        return [BatchResult(None, [Outcome(m, RELEASE, counts_attempt=False) for m in batch.messages])]
+        released = [Outcome(m, RELEASE, counts_attempt=False) for m in batch.messages]
+        return [BatchResult(None, released)]
     await runtime.governor.acquire(batch.account, batch.tenant_id, len(batch.messages))
     batch.submission_id = await mark_submitted(runtime, batch)
     started = time.perf_counter()
@@ -107,14 +114,19 @@ async def mark_submitted(runtime: Runtime, batch: Batch) -> int:
             async with runtime.pool.acquire() as conn:
                 mark = await conn.fetchval(MARK_SUBMITTED, runtime.instance_id, batch.account,
                                            ids, timeout + LEASE_MARGIN)
-            break
+                if mark is not None:
+                    return mark
+                alive = await conn.fetchval(LEASE_ALIVE, runtime.instance_id)
         except RETRYABLE_ERRORS as error:
             failures += 1
             runtime.log.warning("mark_retry", error=str(error) or type(error).__name__)
             await trio.sleep(retry_delay(min(failures, 6), base=0.2, cap=5.0))
-    if mark is None:
-        raise LeaseLost(f"lease of instance {runtime.instance_id} ended; not sending")
-    return mark
+            continue
+        if alive is None:
+            raise LeaseLost(f"lease of instance {runtime.instance_id} ended; not sending")
+        # The lease is alive but has less than timeout + margin left (the heartbeat is due):
+        # wait for the renewal rather than send uncovered or give the lease up.
+        await trio.sleep(LEASE_WAIT)
 
 
 async def _split(runtime: Runtime, batch: Batch) -> list[BatchResult]:

@@ -1,0 +1,220 @@
+"""The schema's own rules, through plain SQL (asyncpg), no daemon: counters, completion,
+credits, the ledger and the message state machine hold for any writer of sendd.message."""
+
+import asyncio
+import itertools
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+
+from sendd import migrate
+
+STATUSES = ["queued", "sending", "sent", "delivered", "undelivered", "failed", "unknown",
+            "cancelled"]
+# The whole allowed set, written out: every other (old, new) pair must be refused.
+ALLOWED = {
+    ("queued", "sending"), ("queued", "cancelled"),
+    ("sending", "queued"), ("sending", "sent"), ("sending", "failed"),
+    ("sending", "unknown"), ("sending", "cancelled"),
+    ("unknown", "sent"), ("unknown", "queued"), ("unknown", "failed"),
+    ("unknown", "delivered"), ("unknown", "undelivered"),
+    ("sent", "delivered"), ("sent", "undelivered"),
+}
+
+
+def with_db(url: str, work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
+    """Migrate the fresh database, then run work(conn) on one asyncpg connection."""
+
+    async def run() -> Any:
+        conn = await asyncpg.connect(url)
+        try:
+            await migrate.migrate(conn)
+            return await work(conn)
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+async def add_tenant(conn, tenant: str, credits: int) -> None:
+    await conn.execute("INSERT INTO sendd.tenant (id, credits) VALUES ($1, $2)", tenant, credits)
+
+
+async def add_campaign(conn, tenant: str) -> int:
+    return await conn.fetchval(
+        "INSERT INTO sendd.campaign (tenant_id, status) VALUES ($1, 'sending') RETURNING id",
+        tenant)
+
+
+async def add_messages(conn, tenant: str, campaign: int | None, segments: list[int]) -> list[int]:
+    rows = await conn.fetch(
+        """INSERT INTO sendd.message (tenant_id, campaign_id, account, recipient, body, segments)
+           SELECT $1, $2, 'main', '+306900000' || lpad(i::text, 3, '0'), 'hi', s
+           FROM unnest($3::int[]) WITH ORDINALITY AS u(s, i) RETURNING id""",
+        tenant, campaign, segments)
+    return [r["id"] for r in rows]
+
+
+async def set_status(conn, ids: list[int], status: str) -> str:
+    """One UPDATE statement, guarded like every sendd write path."""
+    return await conn.execute(
+        """UPDATE sendd.message m SET status = $2
+           WHERE id = ANY($1::bigint[]) AND sendd.transition_allowed(m.status, $2)""",
+        ids, status)
+
+
+async def campaign(conn, campaign_id: int) -> asyncpg.Record:
+    return await conn.fetchrow("SELECT * FROM sendd.campaign WHERE id = $1", campaign_id)
+
+
+async def credits(conn, tenant: str) -> int:
+    return await conn.fetchval("SELECT credits FROM sendd.tenant WHERE id = $1", tenant)
+
+
+async def ledger(conn) -> list[tuple[str, int | None, int, str]]:
+    rows = await conn.fetch("SELECT tenant_id, campaign_id, delta, reason "
+                            "FROM sendd.credit_ledger ORDER BY id")
+    return [tuple(r) for r in rows]
+
+
+def test_sent_updates_counters_debits_segments_and_writes_one_ledger_row_per_group(database_url):
+    async def work(conn):
+        await add_tenant(conn, "acme", 1000)
+        await add_tenant(conn, "beta", 1000)
+        c1, c2, c3 = (await add_campaign(conn, "acme"), await add_campaign(conn, "acme"),
+                      await add_campaign(conn, "beta"))
+        m1 = await add_messages(conn, "acme", c1, [1, 2, 3])  # 6 segments
+        m2 = await add_messages(conn, "acme", c2, [1, 1])  # 2
+        m3 = await add_messages(conn, "beta", c3, [4, 1])  # 5
+        tx = await add_messages(conn, "acme", None, [2])  # transactional, 2
+        everything = m1 + m2 + m3 + tx
+        assert [(await campaign(conn, c))["total"] for c in (c1, c2, c3)] == [3, 2, 2]
+
+        # A claim changes no counter, no credit, no ledger.
+        assert await set_status(conn, everything, "sending") == "UPDATE 8"
+        assert await ledger(conn) == []
+        assert await credits(conn, "acme") == 1000
+        assert (await campaign(conn, c1))["sent"] == 0
+
+        # One statement accepting everything: one ledger row per (tenant, campaign).
+        assert await set_status(conn, everything, "sent") == "UPDATE 8"
+        assert sorted(await ledger(conn), key=str) == sorted([
+            ("acme", c1, -6, "send"), ("acme", c2, -2, "send"), ("beta", c3, -5, "send"),
+            ("acme", None, -2, "send"),
+        ], key=str)
+        assert await credits(conn, "acme") == 1000 - 6 - 2 - 2
+        assert await credits(conn, "beta") == 1000 - 5
+        assert [(await campaign(conn, c))["sent"] for c in (c1, c2, c3)] == [3, 2, 2]
+
+        # Delivery reports move accepted messages on without a second debit.
+        assert await set_status(conn, m1[:2], "delivered") == "UPDATE 2"
+        assert await set_status(conn, m1[2:], "undelivered") == "UPDATE 1"
+        c1_row = await campaign(conn, c1)
+        assert (c1_row["sent"], c1_row["delivered"], c1_row["undelivered"]) == (3, 2, 1)
+        assert len(await ledger(conn)) == 4
+        assert await credits(conn, "acme") == 990
+
+        # Ledger and accepted segments agree, per tenant.
+        for tenant in ("acme", "beta"):
+            debits = await conn.fetchval(
+                "SELECT -sum(delta) FROM sendd.credit_ledger WHERE tenant_id = $1 "
+                "AND reason = 'send'", tenant)
+            accepted = await conn.fetchval(
+                "SELECT sum(segments) FROM sendd.message WHERE tenant_id = $1 "
+                "AND status IN ('sent', 'delivered', 'undelivered')", tenant)
+            assert debits == accepted
+
+    with_db(database_url, work)
+
+
+def test_one_ledger_row_per_statement(database_url):
+    async def work(conn):
+        await add_tenant(conn, "acme", 100)
+        c1 = await add_campaign(conn, "acme")
+        ids = await add_messages(conn, "acme", c1, [1, 2, 3])
+        await set_status(conn, ids, "sending")
+        await set_status(conn, [ids[0]], "sent")
+        await set_status(conn, [ids[1]], "sent")
+        await set_status(conn, [ids[2]], "failed")  # not accepted: no debit, no ledger row
+        assert await ledger(conn) == [("acme", c1, -1, "send"), ("acme", c1, -2, "send")]
+        assert await credits(conn, "acme") == 97
+        row = await campaign(conn, c1)
+        assert (row["sent"], row["failed"]) == (2, 1)
+
+    with_db(database_url, work)
+
+
+def test_accepting_more_segments_than_credits_is_refused(database_url):
+    async def work(conn):
+        await add_tenant(conn, "acme", 2)
+        c1 = await add_campaign(conn, "acme")
+        ids = await add_messages(conn, "acme", c1, [3])
+        await set_status(conn, ids, "sending")
+        with pytest.raises(asyncpg.CheckViolationError):
+            await set_status(conn, ids, "sent")
+        assert await credits(conn, "acme") == 2
+        assert await ledger(conn) == []
+        assert await conn.fetchval("SELECT status FROM sendd.message") == "sending"
+        assert (await campaign(conn, c1))["sent"] == 0
+
+    with_db(database_url, work)
+
+
+def test_campaign_completes_when_every_message_is_final(database_url):
+    async def work(conn):
+        await add_tenant(conn, "acme", 100)
+        c1 = await add_campaign(conn, "acme")
+        ids = await add_messages(conn, "acme", c1, [1] * 5)
+        await set_status(conn, ids[:4], "sending")
+        await set_status(conn, ids[:2], "sent")
+        await set_status(conn, [ids[2]], "failed")
+        await set_status(conn, [ids[3]], "unknown")
+        row = await campaign(conn, c1)
+        assert row["status"] == "sending"  # ids[4] is still queued
+        assert row["finished_at"] is None
+
+        await set_status(conn, [ids[4]], "cancelled")
+        row = await campaign(conn, c1)
+        assert row["status"] == "completed"
+        assert row["finished_at"] is not None
+        assert (row["total"], row["sent"], row["failed"], row["unknown"], row["cancelled"]) == (
+            5, 2, 1, 1, 1)
+
+    with_db(database_url, work)
+
+
+def test_transition_allowed_is_exactly_the_allowed_set(database_url):
+    async def work(conn):
+        rows = await conn.fetch(
+            "SELECT a, b, sendd.transition_allowed(a, b) AS ok "
+            "FROM unnest($1::text[]) a CROSS JOIN unnest($1::text[]) b", STATUSES)
+        return {(r["a"], r["b"]): r["ok"] for r in rows}
+
+    verdicts = with_db(database_url, work)
+    assert len(verdicts) == len(STATUSES) ** 2
+    for pair in itertools.product(STATUSES, STATUSES):
+        assert verdicts[pair] is (pair in ALLOWED), pair
+    # The regressions that matter most, named.
+    for regression in [("sent", "queued"), ("delivered", "sent"), ("failed", "sending"),
+                       ("sent", "sending"), ("cancelled", "queued"), ("delivered", "queued"),
+                       ("undelivered", "sent"), ("failed", "queued")]:
+        assert verdicts[regression] is False, regression
+
+
+def test_guarded_update_cannot_regress_a_final_status(database_url):
+    async def work(conn):
+        await add_tenant(conn, "acme", 100)
+        c1 = await add_campaign(conn, "acme")
+        ids = await add_messages(conn, "acme", c1, [1, 1])
+        await set_status(conn, ids, "sending")
+        await set_status(conn, [ids[0]], "sent")
+        await set_status(conn, [ids[1]], "failed")
+        assert await set_status(conn, ids, "queued") == "UPDATE 0"
+        assert await set_status(conn, ids, "sending") == "UPDATE 0"
+        statuses = await conn.fetch("SELECT status FROM sendd.message ORDER BY id")
+        assert [r["status"] for r in statuses] == ["sent", "failed"]
+        assert await credits(conn, "acme") == 99
+
+    with_db(database_url, work)
