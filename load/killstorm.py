@@ -40,16 +40,18 @@ FINAL = {"sent", "delivered", "undelivered", "failed", "cancelled"}
 
 
 def run_storm(workdir: Path, database_url: str, *, messages: int, kills: int, daemons: int = 1,
-              seed: int = 1, rate: int = 0, settle_timeout: float = 600) -> dict[str, Any]:
+              seed: int = 1, rate: int = 0, max_batch: int = 1000,
+              settle_timeout: float = 600) -> dict[str, Any]:
     """Run the storm and return its figures; raises AssertionError when a guarantee broke.
 
     `rate` (messages/s, 0 = unlimited) stretches a small campaign over the whole storm, so
-    every kill lands while messages are in flight.
+    every kill lands while messages are in flight; a small `max_batch` makes requests
+    frequent, so kills also land between a submission mark and its outcome.
     """
     rng = random.Random(seed)
     with FakeProvider("--latency-ms", "20", "--jitter-ms", "30", "--seed", str(seed)) as fake:
         config = write_config(workdir / "sendd.toml", database_url, fake.url,
-                              accounts={"main": {"msgs_per_s": rate}},
+                              accounts={"main": {"msgs_per_s": rate, "max_batch": max_batch}},
                               retry={"max_attempts": 10})
         setup_database(config, {"storm": messages * 2})
         campaign = enqueue(config, workdir, "storm", numbers(messages))["campaign_id"]

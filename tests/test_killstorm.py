@@ -13,13 +13,14 @@ from killstorm import check, run_storm  # noqa: E402
 
 def test_kill_storm_one_daemon(tmp_path, database_url):
     # 500 messages/s: the campaign lasts the whole storm, so every kill hits work in flight.
-    figures = run_storm(tmp_path, database_url, messages=20_000, kills=15, daemons=1, rate=500)
+    figures = run_storm(tmp_path, database_url, messages=20_000, kills=15, daemons=1, rate=500,
+                        max_batch=50)
     check(figures)
     assert figures["unknown"] == 0, figures  # lookups work, so everything settles
 
 
 def test_kill_storm_three_daemons(tmp_path, database_url):
     figures = run_storm(tmp_path, database_url, messages=15_000, kills=15, daemons=3, seed=2,
-                        rate=400)
+                        rate=400, max_batch=50)
     check(figures)
     assert figures["unknown"] == 0, figures

@@ -19,12 +19,12 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Coroutine, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 import asyncpg
 
@@ -50,6 +50,9 @@ CONNECT_TIMEOUT = 10.0
 PROVIDER_STOP_TIMEOUT = 10.0
 DAEMON_STOP_TIMEOUT = 60.0  # the daemon drains for up to stop_timeout (30 s) before exiting
 LOG_TAIL_LINES = 15
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+T = TypeVar("T")
 CAMPAIGN_SQL = "SELECT status, pause_reason, total, sent, failed, finished_at " \
                "FROM sendd.campaign WHERE id = $1"
 
@@ -87,9 +90,11 @@ def run_demo(messages: int, *, durable: bool = DURABLE) -> int:
     stack = ExitStack()
     code = 130
     try:
-        code = _run(stack, messages, durable)
+        with _stop_signals_interrupt():
+            code = _run(stack, messages, durable)
     except ServerError as error:
-        raise UserError(str(error)) from None
+        if not _during_interrupt(error):
+            raise UserError(str(error)) from None
     except DemoFailed as error:
         _report_failure(error)
         code = 1
@@ -107,12 +112,12 @@ def _run(stack: ExitStack, messages: int, durable: bool) -> int:
     started = _start_services(stack, durable, progress)
     config = _write_config(started)
     began = time.monotonic()
-    campaign_id = asyncio.run(_prepare(started.postgres.url, started.workdir, messages))
+    campaign_id = _run_async(_prepare(started.postgres.url, started.workdir, messages))
     progress.note(f"queued {messages:,} messages in {time.monotonic() - began:.1f} s")
     daemon_start = time.time()
     _start_daemon(stack, started, config)
     progress.note(f"daemon started (pid {started.daemon.pid}), log in {started.daemon_log}")
-    outcome = asyncio.run(_watch(started, campaign_id, messages, daemon_start, progress))
+    outcome = _run_async(_watch(started, campaign_id, messages, daemon_start, progress))
     _drain_daemon(started)
     stats = _provider_stats(started.provider_url)
     _stop_everything(stack)  # before the summary, so that "stopped" is true when printed
@@ -213,25 +218,58 @@ def _stop_process(proc: subprocess.Popen[Any], timeout: float) -> None:
 
 
 def _stop_everything(stack: ExitStack) -> None:
-    """Unwind the stack (daemon, provider, PostgreSQL, temp dir) with Ctrl-C held off, so
-    an impatient second Ctrl-C cannot leave a server running."""
-    with _sigint_ignored():
+    """Unwind the stack (daemon, provider, PostgreSQL, temp dir) with stop signals held off,
+    so an impatient second Ctrl-C cannot leave a server running."""
+    with _signals_handled(STOP_SIGNALS, signal.SIG_IGN):
         try:
             stack.close()
         except ServerError as error:
             print(f"sendd demo: stopping PostgreSQL: {error}", file=sys.stderr)
 
 
+def _during_interrupt(error: BaseException) -> bool:
+    """Whether error was raised while handling a Ctrl-C (PrivatePostgres cleans up after an
+    interrupted start, and that cleanup can fail too)."""
+    context = error.__context__
+    while context is not None:
+        if isinstance(context, KeyboardInterrupt):
+            return True
+        context = context.__context__
+    return False
+
+
+def _as_ctrl_c(signum: int, frame: object) -> None:
+    # Re-raised as SIGINT, so an asyncio loop running now stops the way it does for Ctrl-C
+    # (cancelling its task) instead of being torn through by an exception.
+    if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
+        raise KeyboardInterrupt
+    signal.raise_signal(signal.SIGINT)
+
+
+def _stop_signals_interrupt() -> AbstractContextManager[None]:
+    """SIGTERM and SIGHUP act like Ctrl-C: the children run in their own sessions, so
+    dying by the default action would leave them all running."""
+    return _signals_handled((signal.SIGTERM, signal.SIGHUP), _as_ctrl_c)
+
+
 @contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _signals_handled(signums: tuple[int, ...], handler: Any) -> Iterator[None]:
+    previous = {signum: signal.signal(signum, handler) for signum in signums}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 # --- configuration and database -----------------------------------------------------------
+
+def _run_async(work: Coroutine[Any, Any, T]) -> T:
+    # A plain asyncio loop: once trio_asyncio is imported (sendd.db does), asyncio.run would
+    # build a trio-hosted loop, which a Ctrl-C can leave half closed.
+    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+        return runner.run(work)
+
 
 def _write_config(started: Started) -> Path:
     # The control socket and HTTP port are the demo's own, so a sendd already running on

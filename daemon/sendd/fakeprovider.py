@@ -31,6 +31,7 @@ import traceback
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from functools import partial
+from http import HTTPStatus
 from itertools import chain
 from operator import itemgetter
 from typing import Any, NamedTuple
@@ -447,9 +448,13 @@ def _is_key_list(value: Any) -> bool:
     return type(value) is list and bool(value) and all(type(v) is str for v in value)
 
 
-# -- HTTP/1.1 server --------------------------------------------------------------------------
+# -- HTTP/1.1 server -------------------------------------------------------------------------
+# h11 parses each request; responses are written directly. h11's response encoding cost more
+# than all the rest of a small request together, so each request gets a fresh parser (cheap)
+# fed with the bytes left over from the previous one, and keep-alive is decided here.
 
-_BASE_HEADERS = [(b"content-type", b"application/json")]
+_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 async def serve(
@@ -479,27 +484,50 @@ async def _serve_on(
 
 
 async def _serve_connection(provider: FakeProvider, stream: trio.SocketStream) -> None:
-    conn = h11.Connection(h11.SERVER)
+    pending: bytes | None = b""
     async with stream:
         try:
-            while await _exchange(provider, stream, conn):
-                conn.start_next_cycle()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
-            pass  # the client went away or spoke garbage: just drop the connection
+            while pending is not None:
+                pending = await _exchange(provider, stream, pending)
+        except h11.RemoteProtocolError:
+            await _send_quietly(stream, _encode(_error(400, "bad HTTP request"), False))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away (for instance after timing out on a hang)
+
+
+async def _send_quietly(stream: trio.SocketStream, data: bytes) -> None:
+    try:
+        await stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
 
 
 async def _exchange(provider: FakeProvider, stream: trio.SocketStream,
-                    conn: h11.Connection) -> bool:
-    """Serve one request; True when the connection can carry another."""
+                    pending: bytes) -> bytes | None:
+    """Serve one request; returns the bytes already read of the next one, or None to close."""
+    conn = h11.Connection(h11.SERVER)
+    if pending:
+        conn.receive_data(pending)
     request = await _next_event(stream, conn)
     if type(request) is not h11.Request:
-        return False
+        return None
+    if conn.they_are_waiting_for_100_continue:
+        await stream.send_all(_CONTINUE)
     body = await _read_body(stream, conn)
     reply = _answer(provider, request, body)
     if reply.delay > 0:
         await trio.sleep(reply.delay)
-    await stream.send_all(_encode(conn, reply))
-    return conn.our_state is h11.DONE and conn.their_state is h11.DONE
+    keep_alive = _keep_alive(request)
+    await stream.send_all(_encode(reply, keep_alive))
+    leftover, closed = conn.trailing_data
+    return bytes(leftover) if keep_alive and not closed else None
+
+
+def _keep_alive(request: h11.Request) -> bool:
+    if request.http_version != b"1.1":
+        return False
+    return not any(name == b"connection" and b"close" in value.lower()
+                   for name, value in request.headers)
 
 
 def _answer(provider: FakeProvider, request: h11.Request, body: bytes) -> Reply:
@@ -510,13 +538,16 @@ def _answer(provider: FakeProvider, request: h11.Request, body: bytes) -> Reply:
         return _error(500, "internal error in the fake provider")
 
 
-def _encode(conn: h11.Connection, reply: Reply) -> bytes:
-    headers = _BASE_HEADERS + reply.headers + [(b"content-length", b"%d" % len(reply.body))]
-    return b"".join((
-        conn.send(h11.Response(status_code=reply.status, headers=headers)),
-        conn.send(h11.Data(data=reply.body)),
-        conn.send(h11.EndOfMessage()),
-    ))
+def _encode(reply: Reply, keep_alive: bool) -> bytes:
+    status, body = reply.status, reply.body
+    head = [b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            % (status, _REASONS.get(status, b""), len(body))]
+    head.extend(b"%s: %s\r\n" % header for header in reply.headers)
+    if not keep_alive:
+        head.append(b"connection: close\r\n")
+    head.append(b"\r\n")
+    head.append(body)
+    return b"".join(head)
 
 
 async def _next_event(stream: trio.SocketStream, conn: h11.Connection) -> Any:

@@ -1,0 +1,384 @@
+"""Random interleavings of the daemon's real SQL against the real schema (hypothesis stateful).
+
+Two daemon instances claim, mark, write outcomes, lose their leases, adopt each other's work and
+restart, while an operator cancels, pauses and resumes campaigns and tops up credits, and an
+application applies delivery reports. Every statement is the daemon's own (imported, not
+copied), run through asyncpg. After every step the invariants of the Database contract are
+checked against a fresh snapshot of the rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import asyncpg
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
+
+from sendd import campaigns, leases, migrate, tenants
+from sendd.actors.poller import TENANT_BUDGETS, claim_due
+from sendd.actors.sender import MARK_SUBMITTED
+from sendd.actors.writer import write_results
+from sendd.errors import UserError
+from sendd.model import FAILED, RELEASE, RETRY, SENT, UNKNOWN, BatchResult, Message, Outcome
+
+STATUSES = ["queued", "sending", "sent", "delivered", "undelivered", "failed", "unknown",
+            "cancelled"]
+# The message state machine, written out: every observed change must be one of these.
+ALLOWED = {
+    ("queued", "sending"), ("queued", "cancelled"),
+    ("sending", "queued"), ("sending", "sent"), ("sending", "failed"),
+    ("sending", "unknown"), ("sending", "cancelled"),
+    ("unknown", "sent"), ("unknown", "queued"), ("unknown", "failed"),
+    ("unknown", "delivered"), ("unknown", "undelivered"),
+    ("sent", "delivered"), ("sent", "undelivered"),
+}
+ILLEGAL = sorted((a, b) for a in STATUSES for b in STATUSES if a != b and (a, b) not in ALLOWED)
+ACCEPTED = {"sent", "delivered", "undelivered"}
+FINAL = ACCEPTED | {"failed", "unknown", "cancelled"}
+IN_FLIGHT = {"sending", "unknown"}
+TENANTS = ("acme", "beta")
+ACCOUNTS = ("main", "alt")
+LEASE_SECONDS = 60.0
+OUTCOMES = (SENT, FAILED, RETRY, RELEASE, UNKNOWN)
+
+TABLES = ("sendd.submission", "sendd.credit_ledger", "sendd.message", "sendd.campaign",
+          "sendd.instance", "sendd.tenant")
+
+
+@dataclass
+class Slot:
+    """One daemon process (restarts get a new instance id) and what it holds in memory."""
+
+    name: str
+    instance_id: str = ""
+    generation: int = 0
+    unsubmitted: dict[int, Message] = field(default_factory=dict)  # claimed, not marked
+    marks: dict[int, list[Message]] = field(default_factory=dict)  # open submission marks
+
+    def runtime(self, chunk: int, paused: set[str]) -> Any:
+        config = SimpleNamespace(pipeline=SimpleNamespace(claim_chunk=chunk),
+                                 accounts={a: None for a in ACCOUNTS})
+        return SimpleNamespace(config=config, instance_id=self.instance_id,
+                               paused_tenants=set(paused), excluded_accounts=lambda: [])
+
+
+segment_lists = st.lists(st.integers(1, 3), min_size=1, max_size=6)
+
+
+class SendStateMachine(RuleBasedStateMachine):
+    loop: asyncio.AbstractEventLoop
+    conn: asyncpg.Connection
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    # --- Setup -------------------------------------------------------------------------------
+
+    @initialize(
+        credits=st.tuples(st.integers(0, 14), st.integers(0, 14)),
+        c1=segment_lists, c2=segment_lists,
+        tx=st.lists(st.tuples(st.sampled_from(TENANTS), st.integers(1, 3), st.integers(0, 2)),
+                    max_size=4),
+        accounts=st.lists(st.sampled_from(ACCOUNTS), min_size=20, max_size=20),
+    )
+    def setup(self, credits, c1, c2, tx, accounts) -> None:
+        self.slots = {name: Slot(name) for name in ("A", "B")}
+        self.initial = dict(zip(TENANTS, credits, strict=True))
+        self.submitted: set[int] = set()  # messages a provider may have seen (marked)
+        self.previous: dict[int, str] | None = None
+
+        async def setup() -> None:
+            conn = self.conn
+            await conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+            for tenant, amount in self.initial.items():
+                await conn.execute("INSERT INTO sendd.tenant (id, credits) VALUES ($1, $2)",
+                                   tenant, amount)
+            self.campaigns = []
+            for tenant in TENANTS:
+                self.campaigns.append(await conn.fetchval(
+                    "INSERT INTO sendd.campaign (tenant_id, status, started_at) "
+                    "VALUES ($1, 'sending', now()) RETURNING id", tenant))
+            rows = [(TENANTS[0], self.campaigns[0], s, 0) for s in c1]
+            rows += [(TENANTS[1], self.campaigns[1], s, 0) for s in c2]
+            rows += [(t, None, s, p) for t, s, p in tx]
+            await conn.executemany(
+                "INSERT INTO sendd.message (tenant_id, campaign_id, account, recipient, body, "
+                "segments, priority, next_attempt_at) "
+                "VALUES ($1, $2, $3, $4, 'hi', $5, $6, now() - interval '1 second')",
+                [(t, c, accounts[i], f"+3069{i:08d}", s, p)
+                 for i, (t, c, s, p) in enumerate(rows)])
+            for slot in self.slots.values():
+                await self.start(slot)
+
+        self.run(setup())
+
+    async def start(self, slot: Slot) -> None:
+        slot.generation += 1
+        slot.instance_id = f"{slot.name}{slot.generation}"
+        slot.unsubmitted.clear()
+        slot.marks.clear()
+        await leases.register(self.conn, slot.instance_id, LEASE_SECONDS)
+
+    def slot(self, data: st.DataObject) -> Slot:
+        return self.slots[data.draw(st.sampled_from(sorted(self.slots)), label="slot")]
+
+    # --- The daemon's statements -------------------------------------------------------------
+
+    @rule(data=st.data(), chunk=st.integers(1, 8),
+          paused=st.sets(st.sampled_from(TENANTS), max_size=1))
+    def claim(self, data, chunk, paused) -> None:
+        slot = self.slot(data)
+
+        async def claim() -> None:
+            budgets = {r["id"]: r["budget"] for r in await self.conn.fetch(
+                TENANT_BUDGETS, list(TENANTS))}
+            queued = {r["id"] for r in await self.conn.fetch(
+                "SELECT id FROM sendd.message WHERE status = 'queued'")}
+            result = await claim_due(self.conn, slot.runtime(chunk, paused))
+            taken: dict[str, int] = {}
+            for message in result.messages:
+                assert message.id in queued, f"claimed {message.id}, which was not queued"
+                assert message.tenant_id not in paused, "claimed for a paused tenant"
+                taken[message.tenant_id] = taken.get(message.tenant_id, 0) + message.segments
+                slot.unsubmitted[message.id] = message
+            # (f) a claim never takes more than credits minus what is in flight.
+            for tenant, segments in taken.items():
+                assert segments <= budgets[tenant], (tenant, segments, budgets[tenant])
+
+        self.run(claim())
+
+    @rule(data=st.data(), margin=st.sampled_from([0.0, 1.0]))
+    def mark_submitted(self, data, margin) -> None:
+        slot = self.slot(data)
+        if not slot.unsubmitted:
+            return
+        first = data.draw(st.sampled_from(sorted(slot.unsubmitted)), label="batch of")
+        group = sorted(i for i, m in slot.unsubmitted.items()
+                       if (m.account, m.tenant_id) == (slot.unsubmitted[first].account,
+                                                       slot.unsubmitted[first].tenant_id))
+        ids = data.draw(st.lists(st.sampled_from(group), min_size=1, unique=True), label="ids")
+        account = slot.unsubmitted[first].account
+        mark = self.run(self.conn.fetchval(MARK_SUBMITTED, slot.instance_id, account, ids,
+                                           margin))
+        if mark is None:
+            return  # lease gone: the sender would raise LeaseLost and not send
+        slot.marks[mark] = [slot.unsubmitted.pop(i) for i in ids]
+        self.submitted.update(ids)
+
+    @rule(data=st.data())
+    def write_mark_outcomes(self, data) -> None:
+        """A provider answered a marked batch: every message's outcome and the mark, at once."""
+        slot = self.slot(data)
+        if not slot.marks:
+            return
+        mark = data.draw(st.sampled_from(sorted(slot.marks)), label="mark")
+        messages = slot.marks.pop(mark)
+        outcomes = [Outcome(m, data.draw(st.sampled_from(OUTCOMES), label="outcome"),
+                            retry_in=data.draw(st.sampled_from([0.0, 0.0, 3600.0])))
+                    for m in messages]
+        self.run(write_results(self.conn, slot.instance_id, [BatchResult(mark, outcomes)]))
+
+    @rule(data=st.data())
+    def write_unmarked_outcomes(self, data) -> None:
+        slot = self.slot(data)
+        if not slot.unsubmitted:
+            return
+        ids = data.draw(st.lists(st.sampled_from(sorted(slot.unsubmitted)), min_size=1,
+                                 unique=True), label="ids")
+        outcomes = [Outcome(slot.unsubmitted.pop(i),
+                            data.draw(st.sampled_from(OUTCOMES), label="outcome"))
+                    for i in ids]
+        self.run(write_results(self.conn, slot.instance_id, [BatchResult(None, outcomes)]))
+
+    @rule(data=st.data())
+    def expire_lease(self, data) -> None:
+        ids = sorted(r["id"] for r in self.run(self.conn.fetch("SELECT id FROM sendd.instance")))
+        if not ids:
+            return
+        dead = data.draw(st.sampled_from(ids), label="expire")
+        self.run(self.conn.execute(
+            "UPDATE sendd.instance SET lease_until = now() - interval '1 second' WHERE id = $1",
+            dead))
+
+    @rule(data=st.data())
+    def renew_lease(self, data) -> None:
+        slot = self.slot(data)
+        self.run(leases.renew(self.conn, slot.instance_id, LEASE_SECONDS))
+
+    @rule(data=st.data())
+    def adopt_expired(self, data) -> None:
+        slot = self.slot(data)
+
+        async def adopt() -> None:
+            adopted = await leases.adopt_expired(self.conn, slot.instance_id)
+            if adopted is None:
+                return
+            for mark in adopted.marks:
+                rows = await leases.messages_of_mark(self.conn, mark["message_ids"],
+                                                     slot.instance_id)
+                slot.marks[mark["id"]] = [Message(*row) for row in rows]
+
+        self.run(adopt())
+
+    @rule(data=st.data())
+    def release_unsubmitted(self, data) -> None:
+        slot = self.slot(data)
+        self.run(leases.release_unsubmitted(self.conn, slot.instance_id))
+        slot.unsubmitted.clear()  # released: the pipeline no longer holds them
+
+    @rule(data=st.data(), clean=st.booleans())
+    def restart(self, data, clean) -> None:
+        """A stop (clean: leases.finish) or a crash, and a new process with a new instance id."""
+        slot = self.slot(data)
+
+        async def restart() -> None:
+            if clean:
+                await leases.finish(self.conn, slot.instance_id)
+            await self.start(slot)
+
+        self.run(restart())
+
+    # --- Operators and applications ----------------------------------------------------------
+
+    @rule(index=st.integers(0, 1), action=st.sampled_from(["cancel", "pause", "resume"]))
+    def operate_campaign(self, index, action) -> None:
+        try:
+            self.run(getattr(campaigns, action)(self.conn, self.campaigns[index]))
+        except UserError:
+            pass
+
+    @rule(tenant=st.sampled_from(TENANTS), amount=st.integers(1, 5), absolute=st.booleans())
+    def change_credits(self, tenant, amount, absolute) -> None:
+        change = {"credits": amount} if absolute else {"add_credits": amount}
+        try:
+            self.run(tenants.set_tenant(self.conn, tenant, **change))
+        except UserError:
+            pass
+
+    @rule(data=st.data(), to=st.sampled_from(["delivered", "undelivered"]))
+    def delivery_report(self, data, to) -> None:
+        rows = self.run(self.conn.fetch(
+            "SELECT id FROM sendd.message WHERE status IN ('sent', 'unknown') ORDER BY id"))
+        if not rows:
+            return
+        message = data.draw(st.sampled_from([r["id"] for r in rows]), label="dlr for")
+        status = self.run(self.conn.execute(
+            """UPDATE sendd.message m SET status = $2, finished_at = now()
+               WHERE id = $1 AND sendd.transition_allowed(m.status, $2)""", message, to))
+        assert status == "UPDATE 1"
+
+    @rule(pair=st.sampled_from(ILLEGAL))
+    def illegal_transition(self, pair) -> None:
+        old, new = pair
+        status = self.run(self.conn.execute(
+            """UPDATE sendd.message m SET status = $2
+               WHERE status = $1 AND sendd.transition_allowed(m.status, $2)""", old, new))
+        assert status == "UPDATE 0", (old, new, status)
+
+    # --- Invariants --------------------------------------------------------------------------
+
+    @invariant()
+    def contract_holds(self) -> None:
+        if not hasattr(self, "slots"):
+            return
+        self.run(self.check())
+
+    async def check(self) -> None:
+        conn = self.conn
+        messages = await conn.fetch("SELECT * FROM sendd.message ORDER BY id")
+        now = {m["id"]: m["status"] for m in messages}
+
+        # (a) every status change since the last step is allowed, by the list and by SQL.
+        if self.previous is not None:
+            changes = sorted({(self.previous[i], s) for i, s in now.items()
+                              if s != self.previous[i]})
+            for change in changes:
+                assert change in ALLOWED, f"illegal transition {change}"
+            if changes:
+                verdicts = await conn.fetch(
+                    "SELECT sendd.transition_allowed(a, b) AS ok "
+                    "FROM unnest($1::text[], $2::text[]) AS p(a, b)",
+                    [a for a, _ in changes], [b for _, b in changes])
+                assert all(r["ok"] for r in verdicts), changes
+        self.previous = now
+
+        # (b) counters equal counts over the rows; (d) completion.
+        for c in await conn.fetch("SELECT * FROM sendd.campaign ORDER BY id"):
+            rows = [m["status"] for m in messages if m["campaign_id"] == c["id"]]
+            expected = {
+                "total": len(rows),
+                "sent": sum(s in ACCEPTED for s in rows),
+                "failed": rows.count("failed"), "delivered": rows.count("delivered"),
+                "undelivered": rows.count("undelivered"), "unknown": rows.count("unknown"),
+                "cancelled": rows.count("cancelled"),
+            }
+            actual = {k: c[k] for k in expected}
+            assert actual == expected, (c["id"], actual, expected)
+            all_final = all(s in FINAL for s in rows)
+            if c["status"] == "completed":
+                assert all_final, (c["id"], "completed with unfinished messages", rows)
+            if c["status"] in ("sending", "paused"):
+                assert not all_final, (c["id"], c["status"], "every message is final", rows)
+
+        # (c) credits: never negative, every change in the ledger, debits = accepted segments.
+        for t in await conn.fetch("SELECT id, credits FROM sendd.tenant ORDER BY id"):
+            tenant = t["id"]
+            assert t["credits"] >= 0
+            ledger = await conn.fetch(
+                "SELECT delta, reason FROM sendd.credit_ledger WHERE tenant_id = $1", tenant)
+            assert t["credits"] == self.initial[tenant] + sum(r["delta"] for r in ledger)
+            debits = -sum(r["delta"] for r in ledger if r["reason"] == "send")
+            accepted = sum(m["segments"] for m in messages
+                           if m["tenant_id"] == tenant and m["status"] in ACCEPTED)
+            assert debits == accepted, (tenant, debits, accepted)
+            in_flight = sum(m["segments"] for m in messages
+                            if m["tenant_id"] == tenant and m["status"] in IN_FLIGHT)
+            assert t["credits"] >= in_flight, (tenant, t["credits"], in_flight)
+
+        # (e) every message being sent is leased to a registered instance, and only those.
+        instances = {r["id"] for r in await conn.fetch("SELECT id FROM sendd.instance")}
+        marks = await conn.fetch("SELECT instance_id, message_ids FROM sendd.submission")
+        marked = {(i, r["instance_id"]) for r in marks for i in r["message_ids"]}
+        for m in messages:
+            if m["status"] == "sending":
+                assert m["lease_owner"] is not None, m["id"]
+                assert m["lease_owner"] in instances, (m["id"], m["lease_owner"], "orphaned")
+                # (g) a message that may have reached a provider keeps its durable mark.
+                if m["id"] in self.submitted:
+                    assert (m["id"], m["lease_owner"]) in marked, (m["id"], "lost its mark")
+            else:
+                assert m["lease_owner"] is None, (m["id"], m["status"], m["lease_owner"])
+                self.submitted.discard(m["id"])
+
+        # A cancelled campaign's messages that never reached a provider are cancelled too.
+        for c in await conn.fetch("SELECT id FROM sendd.campaign WHERE status = 'cancelled'"):
+            stuck = [m["id"] for m in messages
+                     if m["campaign_id"] == c["id"] and m["status"] == "queued"]
+            assert not stuck, (c["id"], "queued messages in a cancelled campaign", stuck)
+
+
+def test_random_interleavings_keep_the_contract(database_url):
+    loop = asyncio.new_event_loop()
+    try:
+        conn = loop.run_until_complete(asyncpg.connect(database_url))
+        try:
+            loop.run_until_complete(migrate.migrate(conn))
+            SendStateMachine.loop, SendStateMachine.conn = loop, conn
+            run_state_machine_as_test(SendStateMachine, settings=settings(
+                max_examples=30, stateful_step_count=25, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
+        finally:
+            loop.run_until_complete(conn.close())
+    finally:
+        loop.close()
