@@ -105,9 +105,7 @@ def test_claimed_work_is_bounded_and_memory_is_flat(tmp_path: Path, database_url
         results = {}
         for backlog, log in ((SMALL_BACKLOG, "daemon-small.log"),
                              (LARGE_BACKLOG, "daemon-large.log")):
-            t0 = time.monotonic()
             fill_backlog(database_url, campaign_id, backlog)
-            print(f"TIMING fill {time.monotonic() - t0:.1f}s")
             daemon = Daemon(config, tmp_path / log).wait_ready()
             try:
                 sending, rss = sample(database_url, daemon, SAMPLE_SECONDS)

@@ -237,6 +237,7 @@ def test_control_changes_latency_live(fake: httpx.Client) -> None:
     assert slow >= 0.4 > time.monotonic() - started
     assert fake.post("/_control", json={"latency": 1}).status_code == 400
     assert fake.post("/_control", json={"latency_ms": "x"}).status_code == 400
+    assert fake.post("/_control", json={"error_429_rate": 1.5}).status_code == 400
 
 
 def test_sliding_window_max_counters(fake: httpx.Client) -> None:

@@ -115,10 +115,13 @@ def test_provider_outage_is_retried_until_it_ends(tmp_path, database_url, fake_p
 
 
 def test_drain_with_batches_in_flight(tmp_path, database_url, fake_provider):
-    messages, credits, stop_timeout = 2000, 10_000, 20.0
+    messages, credits, stop_timeout = 10_000, 20_000, 20.0
     fake_provider.control(latency_ms=1000)
+    # Small claims and channels bound what is in flight (~1,500 messages, a few seconds to
+    # finish at 1 s a batch), so the drain ends well before the campaign would.
     config = write_config(tmp_path / "sendd.toml", database_url, fake_provider.url,
                           accounts={"main": {"max_batch": 50}},
+                          pipeline={"senders": 8, "claim_chunk": 200, "claim_capacity": 2},
                           daemon={"stop_timeout": stop_timeout})
     setup_database(config, {"acme": credits})
     campaign_id = enqueue(config, tmp_path, "acme", numbers(messages))["campaign_id"]

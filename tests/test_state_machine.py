@@ -212,14 +212,26 @@ class SendStateMachine(RuleBasedStateMachine):
             dead))
 
     @rule(data=st.data())
+    def lease_lost_and_adopted(self, data) -> None:
+        """One daemon stalls past its lease; the other's reaper adopts its work. The stalled
+        process keeps its memory (a zombie) until it restarts."""
+        dead = self.slot(data)
+        reaper = next(s for s in self.slots.values() if s is not dead)
+        self.run(self.conn.execute(
+            "UPDATE sendd.instance SET lease_until = now() - interval '1 second' WHERE id = $1",
+            dead.instance_id))
+        self.adopt(reaper)
+
+    @rule(data=st.data())
     def renew_lease(self, data) -> None:
         slot = self.slot(data)
         self.run(leases.renew(self.conn, slot.instance_id, LEASE_SECONDS))
 
     @rule(data=st.data())
     def adopt_expired(self, data) -> None:
-        slot = self.slot(data)
+        self.adopt(self.slot(data))
 
+    def adopt(self, slot: Slot) -> None:
         async def adopt() -> None:
             adopted = await leases.adopt_expired(self.conn, slot.instance_id)
             if adopted is None:

@@ -189,9 +189,10 @@ def _open_recipients(path: str) -> Any:
         import contextlib
         import io
 
-        return contextlib.nullcontext(io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8"))
+        return contextlib.nullcontext(io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig"))
     try:
-        return open(path, encoding="utf-8", newline="")  # noqa: SIM115 -- a context manager
+        # utf-8-sig: a CSV saved by a spreadsheet starts with a byte order mark before "phone".
+        return open(path, encoding="utf-8-sig", newline="")  # noqa: SIM115 -- a context manager
     except OSError as error:
         raise UserError(f"--recipients: cannot read {path}: {error.strerror}") from None
 

@@ -80,6 +80,7 @@ async def _start_runtime(config: Config, pool: Any) -> Runtime:
             raise UserError(f"the database schema is at version {version}, this sendd needs "
                             f"{newest}: run `sendd migrate` first")
         instance_id = new_instance_id(config.daemon.instance_id)
+        registered = trio.current_time()
         await leases.register(conn, instance_id, config.pipeline.lease_seconds)
     governor = Governor()
     for account in config.accounts.values():
@@ -88,7 +89,8 @@ async def _start_runtime(config: Config, pool: Any) -> Runtime:
     connections = config.pipeline.senders + LOOKUP_CONCURRENCY
     providers = {name: open_provider(account, connections)
                  for name, account in config.accounts.items()}
-    runtime = Runtime(config, instance_id, pool, governor, providers)
+    runtime = Runtime(config, instance_id, pool, governor, providers,
+                      lease_valid_until=registered + config.pipeline.lease_seconds)
     runtime.log = runtime.log.bind(instance=instance_id)
     return runtime
 

@@ -28,7 +28,7 @@ import signal
 import sys
 import time
 import traceback
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
 from http import HTTPStatus
@@ -103,8 +103,8 @@ class _Window:
             self.peak = self.total
 
 
-def _json(status: int, obj: Any, headers: list | None = None) -> Reply:
-    return Reply(status, orjson.dumps(obj), headers or [], 0.0)
+def _json(status: int, obj: Any, headers: list | None = None, delay: float = 0.0) -> Reply:
+    return Reply(status, orjson.dumps(obj), headers or [], delay)
 
 
 def _error(status: int, message: str, headers: list | None = None) -> Reply:
@@ -172,7 +172,10 @@ class FakeProvider:
         reply = self._handle_api(method, path, query, headers, body)
         self.counters["requests"] += 1
         self.responses[reply.status] = self.responses.get(reply.status, 0) + 1
-        return reply._replace(delay=reply.delay + self._latency())
+        s = self.settings
+        if s.latency_ms > 0 or s.jitter_ms > 0:
+            reply = reply._replace(delay=reply.delay + self._latency())
+        return reply
 
     def _latency(self) -> float:
         s = self.settings
@@ -210,11 +213,8 @@ class FakeProvider:
         if refused is not None:
             return refused
         bulk_no, results = self._process(key, entries, now)
-        if bulk:
-            reply = _json(200, {"bulkId": f"b-{bulk_no}", "messages": results})
-        else:
-            reply = _json(200, results[0])
-        return reply._replace(delay=self._hang())
+        answer = {"bulkId": f"b-{bulk_no}", "messages": results} if bulk else results[0]
+        return _json(200, answer, delay=self._hang())
 
     def _overridden(self, status: int) -> Reply:
         if status == 429:
@@ -279,9 +279,7 @@ class FakeProvider:
             results.append(result)
             refs.append(sent)
         self.bulks[bulk_no] = (time.time(), refs)
-        senders = Counter(e["from"] for e, ref in zip(entries, refs, strict=True)
-                          if ref is not None)
-        self._count(key, len(entries), senders, now)
+        self._count(key, len(entries), _senders(entries, refs), now)
         self._delivery_reports(bulk_no)
         return bulk_no, results
 
@@ -386,6 +384,16 @@ class FakeProvider:
         return _json(200, dataclasses.asdict(self.settings))
 
 
+def _senders(entries: list, refs: list[str | None]) -> dict[str, int]:
+    """How many messages each sender had accepted (sent) in one request."""
+    counts: dict[str, int] = {}
+    for entry, ref in zip(entries, refs, strict=True):
+        if ref is not None:
+            sender = entry["from"]
+            counts[sender] = counts.get(sender, 0) + 1
+    return counts
+
+
 def _accepted(reference: str, message_id: str) -> dict:
     return {"reference": reference, "messageId": message_id, "status": "accepted"}
 
@@ -430,18 +438,27 @@ def apply_settings(settings: FakeSettings, changes: Any) -> None:
 def _check_setting(name: str, value: Any) -> Any:
     if name not in _FIELDS:
         raise ValueError(f"unknown setting {name!r}")
-    default = getattr(FakeSettings(), name)
+    checked = _typed(getattr(FakeSettings(), name), value)
+    if checked is None:
+        raise ValueError(f"bad value for {name}: {value!r}")
+    if name.endswith("_rate") and checked > 1:
+        raise ValueError(f"{name} is a fraction, at most 1")
+    if name == "status_override" and checked and not 400 <= checked <= 599:
+        raise ValueError("status_override must be 0 or 400..599")
+    return checked
+
+
+def _typed(default: Any, value: Any) -> Any:
+    """`value` converted to the type of `default`, or None when it does not fit (or < 0)."""
     if type(default) is float and type(value) in (int, float) and value >= 0:
         return float(value)
     if type(default) is int and type(value) is int and value >= 0:
-        if name == "status_override" and value and not 400 <= value <= 599:
-            raise ValueError("status_override must be 0 or 400..599")
         return value
     if type(default) in (str, bool) and type(value) is type(default):
         return value
     if type(default) is list and _is_key_list(value):
         return list(value)
-    raise ValueError(f"bad value for {name}: {value!r}")
+    return None
 
 
 def _is_key_list(value: Any) -> bool:

@@ -36,6 +36,9 @@ import trio
 
 # max_batch() when no message limit applies.
 UNLIMITED_BATCH = sys.maxsize
+# The governor's windows are a little longer than a second: requests reach the provider a few
+# milliseconds after their grant, not always equally late, and the provider counts arrivals.
+GUARD_WINDOW = 1.05
 
 
 class WindowLimit:
@@ -133,8 +136,8 @@ class _Account:
     not_before: float = float("-inf")  # from a 429's Retry-After
 
     def __post_init__(self) -> None:
-        self.msg_log = WindowLimit(self.msgs)
-        self.req_log = WindowLimit(self.reqs)
+        self.msg_log = WindowLimit(self.msgs, GUARD_WINDOW)
+        self.req_log = WindowLimit(self.reqs, GUARD_WINDOW)
 
 
 class Governor:
@@ -164,7 +167,7 @@ class Governor:
         """Add or change a tenant's message limit (0 = unlimited)."""
         log = self._tenants.get(tenant)
         if log is None:
-            self._tenants[tenant] = WindowLimit(msgs_per_s)
+            self._tenants[tenant] = WindowLimit(msgs_per_s, GUARD_WINDOW)
         else:
             log.set_limit(msgs_per_s)
 

@@ -44,6 +44,8 @@ class Runtime:
     batch_cap: dict[str, int] = field(default_factory=dict)
     # Messages by outcome, for status, metrics and the demo.
     outcomes: Counter[str] = field(default_factory=Counter)
+    # Trio time until which this instance's lease surely lasts (kept by the heartbeat).
+    lease_valid_until: float = 0.0
     # Set to wake the poller early (new work was queued, a pause was lifted).
     wakeup: trio.Event = field(default_factory=trio.Event)
 

@@ -23,7 +23,6 @@ async def run_heartbeat(
     may have adopted our claims, so this daemon stops (and systemd starts a fresh one).
     """
     lease = runtime.config.pipeline.lease_seconds
-    valid_until = trio.current_time() + lease
     task_status.started()
     # Renew at once: the lease has been running since registration, and senders need
     # timeout + margin of it left, which a late first renewal would not leave.
@@ -31,17 +30,19 @@ async def run_heartbeat(
     while True:
         await trio.sleep(delay)
         delay = lease / HEARTBEATS_PER_LEASE
+        issued = trio.current_time()
         try:
             async with runtime.pool.acquire() as conn:
                 renewed = await leases.renew(conn, runtime.instance_id, lease)
         except RETRYABLE_ERRORS as error:
-            if trio.current_time() < valid_until:
+            if trio.current_time() < runtime.lease_valid_until:
                 runtime.log.warning("heartbeat_failed", error=str(error) or type(error).__name__)
                 continue
             renewed = False
         if not renewed:
             raise LeaseLost(f"lease of instance {runtime.instance_id} ended; exiting")
-        valid_until = trio.current_time() + lease
+        # A safe lower bound: the database set lease_until from a `now()` after `issued`.
+        runtime.lease_valid_until = issued + lease
 
 
 async def run_reaper(

@@ -80,12 +80,17 @@ async def hand_to_settler(runtime: Runtime, unsettled: trio.MemorySendChannel[Un
 
 
 async def send_batch(runtime: Runtime, batch: Batch) -> list[BatchResult | Unsettled]:
-    """One batch through governor, mark and provider; a 413 splits it and sends the halves."""
+    """One batch through mark, governor and provider; a 413 splits it and sends the halves.
+
+    The governor comes last before the request, so the time a grant is given is the time the
+    request leaves: a slow mark cannot bunch requests up behind it.
+    """
     if batch.account in runtime.suspended:
         released = [Outcome(m, RELEASE, counts_attempt=False) for m in batch.messages]
         return [BatchResult(None, released)]
-    await runtime.governor.acquire(batch.account, batch.tenant_id, len(batch.messages))
     batch.submission_id = await mark_submitted(runtime, batch)
+    await runtime.governor.acquire(batch.account, batch.tenant_id, len(batch.messages))
+    await wait_for_lease(runtime, runtime.config.accounts[batch.account].timeout + LEASE_MARGIN)
     started = time.perf_counter()
     response = await runtime.providers[batch.account].send(batch.messages)
     if response.kind == base.TOO_LARGE and len(batch.messages) > 1:
@@ -98,6 +103,12 @@ async def send_batch(runtime: Runtime, batch: Batch) -> list[BatchResult | Unset
     outcomes = classify(runtime, batch, response)
     _log_batch(runtime, batch, response, outcomes, time.perf_counter() - started)
     return [BatchResult(batch.submission_id, outcomes)]
+
+
+async def wait_for_lease(runtime: Runtime, needed: float) -> None:
+    """Hold a request until the lease surely outlives it (the heartbeat renews it often)."""
+    while runtime.lease_valid_until - trio.current_time() < needed:
+        await trio.sleep(LEASE_WAIT)
 
 
 async def mark_submitted(runtime: Runtime, batch: Batch) -> int:
