@@ -55,6 +55,11 @@ ensure_servers() {
     fi
 }
 
+# systemd-analyze, for the test that verifies systemd/sendd.service; nothing is started.
+ensure_systemd_analyze() {
+    command -v systemd-analyze >/dev/null || apt_install systemd
+}
+
 ensure_python() {
     command -v python3 >/dev/null || die "python3 not found: install Python 3.11 or newer"
     python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
@@ -84,6 +89,7 @@ install_package() {
 }
 
 ensure_servers
+ensure_systemd_analyze
 ensure_python
 make_venv
 install_package

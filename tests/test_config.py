@@ -280,7 +280,7 @@ def test_wrong_type(tmp_path: Path, toml: str, expected: str) -> None:
         ("PIPELINE__CLAIM_CHUNK", "100001", "pipeline.claim_chunk"),
         ("PIPELINE__CLAIM_CAPACITY", "0", "pipeline.claim_capacity"),
         ("PIPELINE__LINGER_MS", "-1", "pipeline.linger_ms"),
-        ("PIPELINE__LEASE_SECONDS", "4.9", "pipeline.lease_seconds"),
+        ("PIPELINE__LEASE_SECONDS", "0.9", "pipeline.lease_seconds"),
         ("PIPELINE__POLL_INTERVAL", "nan", "pipeline.poll_interval"),
         ("RETRY__MAX_ATTEMPTS", "101", "retry.max_attempts"),
         ("RETRY__JITTER", "1.5", "retry.jitter"),

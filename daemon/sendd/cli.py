@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(commands, common)
     _add_config(commands, common)
     _add_demo(commands, common)
+    _add_ctl(commands, common)
     return parser
 
 
@@ -238,6 +239,12 @@ def _add_config(commands: Any, common: argparse.ArgumentParser) -> None:
     _command(actions, common, "check",
              "validate the configuration and print the effective one, secrets masked",
              lambda args, config: print_json(masked(config)))
+
+
+def _add_ctl(commands: Any, common: argparse.ArgumentParser) -> None:
+    from sendd import ctl
+
+    ctl.add_commands(commands, common, _command)
 
 
 def _add_demo(commands: Any, common: argparse.ArgumentParser) -> None:

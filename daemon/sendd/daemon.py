@@ -25,6 +25,7 @@ from sendd.actors.sender import LEASE_MARGIN, LeaseLost, run_sender
 from sendd.actors.settler import LOOKUP_CONCURRENCY, run_settler
 from sendd.actors.writer import run_writer
 from sendd.config import Config, mask_url
+from sendd.control import reload_on_signal, serve_control
 from sendd.db import CONNECTION_ERRORS
 from sendd.errors import UserError
 from sendd.providers import open_provider
@@ -98,6 +99,9 @@ async def _start_runtime(config: Config, pool: Any) -> Runtime:
 async def _serve(runtime: Runtime, ready: trio.Event | None, drain: trio.Event) -> int:
     supervisor = Supervisor(runtime.log, fatal=(LeaseLost,))
     exit_code = 0
+    # Control socket: status reads the drain event and restart counts through the runtime.
+    runtime.drain = drain
+    runtime.restarts = supervisor.restarts
 
     def on_ready() -> None:
         runtime.log.info("daemon_ready", accounts=sorted(runtime.providers))
@@ -107,6 +111,8 @@ async def _serve(runtime: Runtime, ready: trio.Event | None, drain: trio.Event) 
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(supervisor.supervise, "heartbeat", run_heartbeat, runtime)
+            await nursery.start(supervisor.supervise, "control", serve_control, runtime)
+            runtime.actors += ["heartbeat", "control"]
             nursery.start_soon(_watch_signals, runtime, drain)
             with trio.CancelScope() as pipeline_scope:
                 nursery.start_soon(_stop_after, runtime, drain, pipeline_scope)
@@ -134,7 +140,7 @@ async def _watch_signals(runtime: Runtime, drain: trio.Event) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
-                runtime.log.warning("reload_unsupported", detail="restart sendd to apply changes")
+                await reload_on_signal(runtime)
             elif drain.is_set():
                 raise KeyboardInterrupt  # a second signal: stop now, leases settle the rest
             else:
@@ -149,8 +155,12 @@ async def _run_pipeline(runtime: Runtime, supervisor: Supervisor, drain: trio.Ev
     batches_send, batches_recv = trio.open_memory_channel(cfg.batch_capacity)
     results_send, results_recv = trio.open_memory_channel(cfg.result_capacity)
     unsettled_send, unsettled_recv = trio.open_memory_channel(UNSETTLED_CAPACITY)
+    # For status (control socket): statistics() of either end reads the shared buffer.
+    runtime.channels = {"claims": claims_recv, "batches": batches_send,
+                        "results": results_recv, "unsettled": unsettled_recv}
 
     def start(nursery: trio.Nursery, name: str, actor: Any, *channels: Any) -> Any:
+        runtime.actors.append(name)
         run = functools.partial(supervisor.supervise, name, actor, runtime, channels=channels)
         return nursery.start(run)
 

@@ -35,6 +35,9 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 RETRYABLE_ERRORS: tuple[type[BaseException], ...] = CONNECTION_ERRORS + (
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.SerializationError,
+    # asyncpg's pool raises this when the server drops connections under it (a restart):
+    # "release() called on a free connection holder", "another operation is in progress".
+    asyncpg.exceptions.InternalClientError,
 )
 
 

@@ -48,6 +48,18 @@ class Runtime:
     lease_valid_until: float = 0.0
     # Set to wake the poller early (new work was queued, a pause was lifted).
     wakeup: trio.Event = field(default_factory=trio.Event)
+    # --- read by the control socket (sendd.control); daemon.py fills these in -------------
+    # Operator pause of everything: the poller claims nothing while it is set.
+    paused_all: bool = False
+    # Trio time the daemon started, for the uptime.
+    started: float = field(default_factory=trio.current_time)
+    # "Please stop": set by SIGTERM/SIGINT or the `drain` command.
+    drain: trio.Event = field(default_factory=trio.Event)
+    # Supervised actors by name, and the supervisor's restart counts (shared, not copied).
+    actors: list[str] = field(default_factory=list)
+    restarts: Counter[str] = field(default_factory=Counter)
+    # The pipeline's memory channels by name (either end: `statistics()` reads the shared state).
+    channels: dict[str, Any] = field(default_factory=dict)
 
     def excluded_accounts(self) -> list[str]:
         """Accounts the poller must not claim for: suspended, paused or not configured here."""

@@ -105,6 +105,8 @@ class Claim:
 
 async def claim_due(conn: Any, runtime: Runtime) -> Claim:
     """One claim transaction: up to about `claim_chunk` messages, fairly shared."""
+    if runtime.paused_all:  # operator pause (control socket): claim nothing until resumed
+        return Claim([], {})
     chunk = runtime.config.pipeline.claim_chunk
     accounts = [a for a in runtime.config.accounts if a not in runtime.excluded_accounts()]
     paused = sorted(runtime.paused_tenants)

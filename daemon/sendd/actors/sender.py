@@ -121,6 +121,7 @@ async def mark_submitted(runtime: Runtime, batch: Batch) -> int:
     ids = [m.id for m in batch.messages]
     failures = 0
     while True:
+        mark = None
         try:
             async with runtime.pool.acquire() as conn:
                 mark = await conn.fetchval(MARK_SUBMITTED, runtime.instance_id, batch.account,
@@ -129,6 +130,8 @@ async def mark_submitted(runtime: Runtime, batch: Batch) -> int:
                     return mark
                 alive = await conn.fetchval(LEASE_ALIVE, runtime.instance_id)
         except RETRYABLE_ERRORS as error:
+            if mark is not None:
+                return mark  # written; only giving the connection back failed: no second mark
             failures += 1
             runtime.log.warning("mark_retry", error=str(error) or type(error).__name__)
             await trio.sleep(retry_delay(min(failures, 6), base=0.2, cap=5.0))

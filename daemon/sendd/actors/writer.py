@@ -102,11 +102,14 @@ async def flush(runtime: Runtime, pending: list[BatchResult]) -> None:
         return
     failures = 0
     while True:
+        written = None
         try:
             async with runtime.pool.acquire() as conn:
                 written = await write_results(conn, runtime.instance_id, pending)
             break
         except RETRYABLE_ERRORS as error:
+            if written is not None:
+                break  # committed; only giving the connection back failed: do not apply twice
             failures += 1
             delay = retry_delay(min(failures, 6), base=0.2, cap=5.0)
             runtime.log.warning("writer_retry", error=str(error) or type(error).__name__,
