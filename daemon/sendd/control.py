@@ -517,10 +517,12 @@ class ControlServer:
             await send_reply(stream, error_reply(
                 f"permission denied: uid {uid} may not use the control socket "
                 f"(only root and uid {os.getuid()}, which sendd runs as)"))
+            await _linger(stream)
             return
         if self.connections > MAX_CONNECTIONS:
             await send_reply(stream, error_reply(
                 f"too many control connections (at most {MAX_CONNECTIONS}); try again later"))
+            await _linger(stream)
             return
         lines = LineReader(stream)
         while True:
@@ -565,9 +567,9 @@ async def _read_line(lines: LineReader) -> bytes | None:
 
 
 async def _linger(stream: trio.SocketStream) -> None:
-    """Close politely after an error the stream cannot recover from: say we are done, then
-    drop what the client still sends for a moment, so that closing with unread data does not
-    reset the connection before the client has read the error."""
+    """Close politely after a last error reply: say we are done, then drop what the client
+    still sends for a moment, so that closing with unread data does not reset the connection
+    before the client has read the error."""
     with trio.move_on_after(LINGER):
         await stream.send_eof()
         while await stream.receive_some(RECEIVE_SIZE):

@@ -27,16 +27,24 @@ RETURNING lease_until
 
 # Work that never left: sending rows of an instance without an open submission mark.
 RELEASE_UNSUBMITTED = """
-UPDATE sendd.message m SET status = 'queued', lease_owner = NULL
+UPDATE sendd.message m SET
+    status = CASE WHEN EXISTS (SELECT 1 FROM sendd.campaign c
+                               WHERE c.id = m.campaign_id AND c.status = 'cancelled')
+                  THEN 'cancelled' ELSE 'queued' END,
+    lease_owner = NULL
 WHERE m.lease_owner = $1 AND m.status = 'sending'
   AND sendd.transition_allowed(m.status, 'queued')
   AND NOT EXISTS (SELECT 1 FROM sendd.submission s
                   WHERE s.instance_id = $1 AND m.id = ANY(s.message_ids))
 """
 
+# Only a daemon whose own lease is alive adopts (KEY SHARE: nobody adopts it meanwhile):
+# work adopted by a dead one would belong to no instance row and never be adopted again.
 EXPIRED_INSTANCE = """
 SELECT id FROM sendd.instance
 WHERE id <> $1 AND lease_until < now() AND stopped_at IS NULL
+  AND EXISTS (SELECT 1 FROM sendd.instance me WHERE me.id = $1 AND me.stopped_at IS NULL
+                AND me.lease_until > now() FOR KEY SHARE)
 ORDER BY lease_until LIMIT 1 FOR UPDATE SKIP LOCKED
 """
 

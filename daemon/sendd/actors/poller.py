@@ -66,9 +66,15 @@ WITH budget AS (
             PARTITION BY candidate.tenant_id ORDER BY candidate.urgent DESC, candidate.id) AS cost
         FROM candidate JOIN budget b USING (tenant_id)) c
     WHERE c.cost <= c.budget
+), lease AS (
+    -- Fenced by our own live lease (KEY SHARE: a reaper cannot adopt us mid-claim), so a
+    -- daemon whose work was adopted never claims rows that no lease would ever cover.
+    SELECT 1 FROM sendd.instance i
+    WHERE i.id = $8 AND i.stopped_at IS NULL AND i.lease_until > now() FOR KEY SHARE
 )
 UPDATE sendd.message m SET status = 'sending', lease_owner = $8
 FROM affordable a WHERE m.id = a.id AND sendd.transition_allowed(m.status, 'sending')
+  AND EXISTS (SELECT 1 FROM lease)
 RETURNING m.id, m.tenant_id, m.campaign_id, m.account, m.sender, m.recipient, m.body,
           m.segments, m.attempts
 """
