@@ -140,7 +140,7 @@ def test_unit_grants_drain_at_the_full_rate(scenario: tuple[int, float, list]) -
 
 def make_governor() -> tuple[Governor, FakeClock]:
     clock = FakeClock()
-    governor = Governor(clock)
+    governor = Governor(clock, window=1.0)
     governor.set_account("acc1", 10, 3)
     governor.set_account("acc2", 6, 0)
     governor.set_tenant("t1", 8)
@@ -160,7 +160,7 @@ def test_governor_takes_the_latest_of_all_limits() -> None:
 
 
 def test_unlimited_everything() -> None:
-    governor = Governor(FakeClock())
+    governor = Governor(FakeClock(), window=1.0)
     governor.set_account("free", 0, 0)
     assert governor.max_batch("free", "t") == UNLIMITED_BATCH
     assert governor.reserve("free", "t", 10**6) == 0.0
@@ -213,7 +213,7 @@ def test_reconfiguring_keeps_a_back_off_within_the_new_limit() -> None:
 @settings(max_examples=150, deadline=None)
 @given(st.integers(1, 12), st.integers(1, 5000), st.integers(0, 50))
 def test_penalties_are_undone_by_enough_rewards(penalties: int, msgs: int, reqs: int) -> None:
-    governor = Governor(FakeClock())
+    governor = Governor(FakeClock(), window=1.0)
     governor.set_account("a", msgs, reqs)
     for _ in range(penalties):
         governor.penalize("a", 1.0)
@@ -259,7 +259,7 @@ def test_governor_holds_every_limit(steps: list) -> None:
 
 
 async def test_concurrent_acquire_under_mock_clock(autojump_clock: trio.testing.MockClock) -> None:
-    governor = Governor()  # reads trio's (mock) clock
+    governor = Governor(window=1.0)  # reads trio's (mock) clock
     governor.set_account("acc1", 10, 3)
     governor.set_account("acc2", 6, 4)
     governor.set_tenant("t1", 8)

@@ -131,13 +131,14 @@ class WindowLimit:
 class _Account:
     msgs: int  # configured limits; the WindowLimits hold the effective (backed-off) ones
     reqs: int
+    window: float
     msg_log: WindowLimit = field(init=False)
     req_log: WindowLimit = field(init=False)
     not_before: float = float("-inf")  # from a 429's Retry-After
 
     def __post_init__(self) -> None:
-        self.msg_log = WindowLimit(self.msgs, GUARD_WINDOW)
-        self.req_log = WindowLimit(self.reqs, GUARD_WINDOW)
+        self.msg_log = WindowLimit(self.msgs, self.window)
+        self.req_log = WindowLimit(self.reqs, self.window)
 
 
 class Governor:
@@ -148,8 +149,10 @@ class Governor:
     Tenants the governor does not know are unlimited; unknown accounts raise ``KeyError``.
     """
 
-    def __init__(self, clock: Callable[[], float] = trio.current_time) -> None:
+    def __init__(self, clock: Callable[[], float] = trio.current_time,
+                 window: float = GUARD_WINDOW) -> None:
         self._clock = clock
+        self._window = window
         self._accounts: dict[str, _Account] = {}
         self._tenants: dict[str, WindowLimit] = {}
 
@@ -157,7 +160,7 @@ class Governor:
         """Add or reconfigure an account (0 = unlimited); a back-off in progress is kept."""
         account = self._accounts.get(name)
         if account is None:
-            self._accounts[name] = _Account(msgs_per_s, reqs_per_s)
+            self._accounts[name] = _Account(msgs_per_s, reqs_per_s, self._window)
             return
         account.msg_log.set_limit(_reconfigured(account.msgs, account.msg_log.limit, msgs_per_s))
         account.req_log.set_limit(_reconfigured(account.reqs, account.req_log.limit, reqs_per_s))
@@ -167,7 +170,7 @@ class Governor:
         """Add or change a tenant's message limit (0 = unlimited)."""
         log = self._tenants.get(tenant)
         if log is None:
-            self._tenants[tenant] = WindowLimit(msgs_per_s, GUARD_WINDOW)
+            self._tenants[tenant] = WindowLimit(msgs_per_s, self._window)
         else:
             log.set_limit(msgs_per_s)
 

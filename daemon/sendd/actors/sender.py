@@ -91,17 +91,17 @@ async def send_batch(runtime: Runtime, batch: Batch) -> list[BatchResult | Unset
     batch.submission_id = await mark_submitted(runtime, batch)
     await runtime.governor.acquire(batch.account, batch.tenant_id, len(batch.messages))
     await wait_for_lease(runtime, runtime.config.accounts[batch.account].timeout + LEASE_MARGIN)
-    started = time.perf_counter()
+    started = time.time()  # wall clock: logged, so rates can be checked from the log
     response = await runtime.providers[batch.account].send(batch.messages)
     if response.kind == base.TOO_LARGE and len(batch.messages) > 1:
         return [BatchResult(batch.submission_id), *await _split(runtime, batch)]
     if response.kind == base.AMBIGUOUS:
-        _log_batch(runtime, batch, response, [], time.perf_counter() - started)
+        _log_batch(runtime, batch, response, [], started)
         # Give the provider as long again as we waited for it before looking references up.
         not_before = trio.current_time() + runtime.config.accounts[batch.account].timeout
         return [Unsettled(batch.submission_id, batch.account, batch.messages, not_before)]
     outcomes = classify(runtime, batch, response)
-    _log_batch(runtime, batch, response, outcomes, time.perf_counter() - started)
+    _log_batch(runtime, batch, response, outcomes, started)
     return [BatchResult(batch.submission_id, outcomes)]
 
 
@@ -208,7 +208,7 @@ def retry_or_fail(message: Message, code: str, error: str, retry: RetryConfig) -
 
 
 def _log_batch(runtime: Runtime, batch: Batch, response: base.SendResponse,
-               outcomes: list[Outcome], seconds: float) -> None:
+               outcomes: list[Outcome], started: float) -> None:
     counts: dict[str, int] = {}
     for outcome in outcomes:
         counts[outcome.status] = counts.get(outcome.status, 0) + 1
@@ -216,7 +216,7 @@ def _log_batch(runtime: Runtime, batch: Batch, response: base.SendResponse,
     fields: dict[str, Any] = {
         "batch": batch.submission_id, "account": batch.account, "tenant": batch.tenant_id,
         "campaigns": sorted({m.campaign_id for m in batch.messages if m.campaign_id}),
-        "size": len(batch.messages), "bulk_id": response.bulk_id, "ms": round(seconds * 1000, 1),
+        "size": len(batch.messages), "bulk_id": response.bulk_id, "sent_at": round(started, 4), "ms": round((time.time() - started) * 1000, 1),
         **counts,
     }
     if response.kind == base.OK:

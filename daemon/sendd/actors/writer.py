@@ -22,7 +22,8 @@ STORED_STATUS = {SENT: "sent", FAILED: "failed", RETRY: "queued", RELEASE: "queu
                  UNKNOWN: "unknown"}
 
 WRITE_OUTCOMES = """
-WITH marks AS (DELETE FROM sendd.submission WHERE id = ANY($1::bigint[]))
+-- Only our own marks: a mark adopted by a reaper (our lease ended) is the adopter's to close.
+WITH marks AS (DELETE FROM sendd.submission WHERE id = ANY($1::bigint[]) AND instance_id = $10)
 UPDATE sendd.message m SET
     status = CASE WHEN r.status = 'queued' AND EXISTS (
                       SELECT 1 FROM sendd.campaign c
