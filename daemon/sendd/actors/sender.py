@@ -216,7 +216,8 @@ def _log_batch(runtime: Runtime, batch: Batch, response: base.SendResponse,
     fields: dict[str, Any] = {
         "batch": batch.submission_id, "account": batch.account, "tenant": batch.tenant_id,
         "campaigns": sorted({m.campaign_id for m in batch.messages if m.campaign_id}),
-        "size": len(batch.messages), "bulk_id": response.bulk_id, "sent_at": round(started, 4), "ms": round((time.time() - started) * 1000, 1),
+        "size": len(batch.messages), "bulk_id": response.bulk_id,
+        "sent_at": round(started, 4), "ms": round((time.time() - started) * 1000, 1),
         **counts,
     }
     if response.kind == base.OK:
