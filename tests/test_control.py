@@ -304,11 +304,12 @@ def test_set_rate_of_an_account_lowers_the_observed_rate(tmp_path, database_url,
     enqueue(config, tmp_path, "acme", numbers(5000))
     with Daemon(config, tmp_path / "daemon.log").wait_ready(), Client(sock) as client:
         wait_until(lambda: sent(database_url) >= 1000, 30, "sending at full rate")
-        assert peak_rate(fake_provider) > 500
+        assert peak_rate(fake_provider) > 300
         reply = client.call(cmd="set-rate", account="main", msgs_per_s=100)
         assert reply["ok"] and reply["msgs_per_s"] == 100 and reply["configured_msgs_per_s"] == 100
         assert reply["reqs_per_s"] == 0  # not given: kept
-        time.sleep(1.2)  # requests granted under the old limit land first
+        time.sleep(2.5)  # requests granted under the old limit land first (a grant is at most
+        # one window ahead; the rest is slack for a loaded machine)
         reset(fake_provider)
         time.sleep(2.5)
         assert 50 <= peak_rate(fake_provider) <= 100
@@ -327,7 +328,7 @@ def test_set_rate_of_a_tenant_is_applied_and_kept(tmp_path, database_url, fake_p
         reply = sendd_json(config, "ctl", "set-rate", "--tenant", "acme", "--msgs-per-s", "100")
         assert reply == {"ok": True, "tenant": "acme", "msgs_per_s": 100}
         assert scalar(database_url, "SELECT rate_msgs_per_s FROM sendd.tenant") == 100
-        time.sleep(1.2)
+        time.sleep(2.5)
         reset(fake_provider)
         time.sleep(2.5)  # the poller refreshes tenant rates from the table every second
         assert 50 <= peak_rate(fake_provider) <= 100
@@ -368,7 +369,7 @@ def test_reload_applies_a_good_file_and_refuses_a_bad_one(tmp_path, database_url
         reply = sendd_json(config, "ctl", "reload")
         assert reply == {"ok": True, "source": str(config),
                          "applied": ["accounts.main.msgs_per_s"], "restart_required": []}
-        time.sleep(1.2)
+        time.sleep(2.5)
         reset(fake_provider)
         time.sleep(2.5)
         assert 50 <= peak_rate(fake_provider) <= 100

@@ -255,10 +255,9 @@ class SendStateMachine(RuleBasedStateMachine):
 
     def adopt(self, slot: Slot) -> None:
         async def adopt() -> None:
-            adopted = await leases.adopt_expired(self.conn, slot.instance_id)
-            if adopted is None:
+            if await leases.adopt_expired(self.conn, slot.instance_id) is None:
                 return
-            for mark in adopted.marks:
+            for mark in await leases.adopted_marks(self.conn, slot.instance_id, set(slot.marks)):
                 rows = await leases.messages_of_mark(self.conn, mark["message_ids"],
                                                      slot.instance_id)
                 slot.marks[mark["id"]] = [Message(*row) for row in rows]

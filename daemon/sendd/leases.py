@@ -49,8 +49,14 @@ ORDER BY lease_until LIMIT 1 FOR UPDATE SKIP LOCKED
 """
 
 ADOPT_MARKS = """
-UPDATE sendd.submission SET instance_id = $2 WHERE instance_id = $1
-RETURNING id, account, message_ids, created_at
+UPDATE sendd.submission SET instance_id = $2, adopted_at = now() WHERE instance_id = $1
+"""
+
+# Adopted marks still waiting for settlement; `handed` are those already with the settler.
+ADOPTED_MARKS = """
+SELECT id, account, message_ids FROM sendd.submission
+WHERE instance_id = $1 AND adopted_at IS NOT NULL AND NOT (id = ANY($2::bigint[]))
+ORDER BY id
 """
 
 ADOPT_MESSAGES = """
@@ -66,11 +72,12 @@ ORDER BY id
 
 @dataclass
 class Adopted:
-    """Submission marks taken over from a dead instance, to be settled."""
+    """A dead instance whose work was taken over: `released` claims went back to the queue,
+    `marks` submission marks now wait for settlement (see `adopted_marks`)."""
 
     instance_id: str
     released: int
-    marks: list[Any]
+    marks: int
 
 
 async def register(conn: Any, instance_id: str, lease_seconds: float) -> None:
@@ -114,10 +121,16 @@ async def adopt_expired(conn: Any, instance_id: str) -> Adopted | None:
         if dead is None:
             return None
         released = await release_unsubmitted(conn, dead)
-        marks = await conn.fetch(ADOPT_MARKS, dead, instance_id)
+        marks = await conn.execute(ADOPT_MARKS, dead, instance_id)
         await conn.execute(ADOPT_MESSAGES, dead, instance_id)
         await conn.execute("DELETE FROM sendd.instance WHERE id = $1", dead)
-    return Adopted(dead, released, list(marks))
+    return Adopted(dead, released, int(marks.split()[-1]))
+
+
+async def adopted_marks(conn: Any, instance_id: str, handed: set[int]) -> list[Any]:
+    """Adopted marks not yet handed to the settler: kept in the database, so a reaper that
+    fails half-way through handing them over simply finds the rest on its next pass."""
+    return await conn.fetch(ADOPTED_MARKS, instance_id, list(handed))
 
 
 async def messages_of_mark(conn: Any, message_ids: list[int], instance_id: str) -> list[Any]:

@@ -16,6 +16,7 @@ from typing import Any
 
 import trio
 
+from sendd.db import CONNECTION_ERRORS, keep_connected
 from sendd.model import Message
 from sendd.runtime import Runtime
 
@@ -159,17 +160,26 @@ async def run_poller(
 ) -> None:
     """Claim until cancelled (drain cancels this actor first); closes `claims` when done."""
     interval = runtime.config.pipeline.poll_interval
+
     def on_notify(*_: object) -> None:
         runtime.wake_poller()
 
-    async with claims, runtime.pool.acquire() as conn:
+    async def session(conn: Any) -> None:
+        nonlocal task_status
         await conn.add_listener("sendd_queued", on_notify)
         try:
             task_status.started()
+            task_status = trio.TASK_STATUS_IGNORED  # ready once, not on every reconnect
             await _claim_forever(runtime, conn, claims, interval)
         finally:
             with trio.CancelScope(shield=True):
-                await conn.remove_listener("sendd_queued", on_notify)
+                try:
+                    await conn.remove_listener("sendd_queued", on_notify)
+                except CONNECTION_ERRORS:
+                    pass  # the connection is gone, and its listener with it
+
+    async with claims:
+        await keep_connected(runtime.pool, runtime.log, "poller", session)
 
 
 async def _claim_forever(runtime: Runtime, conn: Any, claims: trio.MemorySendChannel,

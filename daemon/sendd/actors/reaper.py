@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import trio
 
 from sendd import leases
 from sendd.actors.sender import LeaseLost
-from sendd.db import RETRYABLE_ERRORS
+from sendd.db import RETRYABLE_ERRORS, keep_connected
 from sendd.model import Message, Unsettled
 from sendd.runtime import Runtime
 
@@ -52,22 +54,23 @@ async def run_reaper(
 ) -> None:
     """Adopt the work of every daemon whose lease ended, now and every few seconds."""
     interval = min(5.0, runtime.config.pipeline.lease_seconds / 3)
+    handed: set[int] = set()  # adopted marks already with the settler
+
+    async def reap(conn: Any) -> None:
+        while (adopted := await leases.adopt_expired(conn, runtime.instance_id)):
+            runtime.log.warning("instance_adopted", dead=adopted.instance_id,
+                                released=adopted.released, marks=adopted.marks)
+            if adopted.released:
+                runtime.wake_poller()
+        for mark in await leases.adopted_marks(conn, runtime.instance_id, handed):
+            rows = await leases.messages_of_mark(conn, mark["message_ids"], runtime.instance_id)
+            item = Unsettled(mark["id"], mark["account"], [Message(*r) for r in rows],
+                             trio.current_time())
+            await unsettled.send(item)
+            handed.add(mark["id"])
+
     async with unsettled:
         task_status.started()
         while True:
-            async with runtime.pool.acquire() as conn:
-                while (adopted := await leases.adopt_expired(conn, runtime.instance_id)):
-                    await hand_over(runtime, conn, adopted, unsettled)
+            await keep_connected(runtime.pool, runtime.log, "reaper", reap)
             await trio.sleep(interval)
-
-
-async def hand_over(runtime: Runtime, conn, adopted: leases.Adopted,
-                    unsettled: trio.MemorySendChannel[Unsettled]) -> None:
-    runtime.log.warning("instance_adopted", dead=adopted.instance_id, released=adopted.released,
-                        marks=len(adopted.marks))
-    if adopted.released:
-        runtime.wake_poller()
-    for mark in adopted.marks:
-        rows = await leases.messages_of_mark(conn, mark["message_ids"], runtime.instance_id)
-        messages = [Message(*row) for row in rows]
-        await unsettled.send(Unsettled(mark["id"], mark["account"], messages, trio.current_time()))

@@ -90,7 +90,8 @@ CREATE TABLE sendd.submission (
     instance_id text NOT NULL,
     account     text NOT NULL,
     message_ids bigint[] NOT NULL,
-    created_at  timestamptz NOT NULL DEFAULT now()
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    adopted_at  timestamptz  -- set when a reaper took the mark over from a dead instance
 );
 CREATE INDEX submission_instance ON sendd.submission (instance_id);
 
