@@ -84,11 +84,11 @@ def _figures(database_url: str, stats: dict[str, Any], campaign: int, messages: 
              kills: int, daemons: int, elapsed: float, _: Any) -> dict[str, Any]:
     counts = status_counts(database_url)
     accepted_rows = sum(counts.get(s, 0) for s in ("sent", "delivered", "undelivered"))
-    debited = -scalar(database_url, "SELECT coalesce(sum(delta), 0) FROM sendd.credit_ledger "
-                                    "WHERE reason = 'send'")
-    accepted_segments = scalar(database_url, "SELECT coalesce(sum(segments), 0) FROM "
-                                             "sendd.message WHERE status IN "
-                                             "('sent', 'delivered', 'undelivered')")
+    debited = -int(scalar(database_url, "SELECT coalesce(sum(delta), 0) FROM sendd.credit_ledger "
+                                    "WHERE reason = 'send'"))
+    accepted_segments = int(scalar(database_url, "SELECT coalesce(sum(segments), 0) FROM "
+                                                 "sendd.message WHERE status IN "
+                                                 "('sent', 'delivered', 'undelivered')"))
     campaign_row = query(database_url, "SELECT * FROM sendd.campaign WHERE id = $1", campaign)[0]
     return {
         "messages": messages, "daemons": daemons, "kills": kills,

@@ -28,12 +28,14 @@ from sendd.config import Config, mask_url
 from sendd.control import reload_on_signal, serve_control
 from sendd.db import CONNECTION_ERRORS
 from sendd.errors import UserError
+from sendd.notify import Notifier, watchdog_interval
 from sendd.providers import open_provider
 from sendd.ratelimit import Governor
 from sendd.runtime import Runtime, new_instance_id
 from sendd.supervisor import CrashLoop, Supervisor
 
 UNSETTLED_CAPACITY = 64
+STATUS_INTERVAL = 5.0  # seconds between STATUS= lines to systemd
 
 
 async def run_daemon(config: Config, *, ready: trio.Event | None = None,
@@ -103,8 +105,11 @@ async def _serve(runtime: Runtime, ready: trio.Event | None, drain: trio.Event) 
     runtime.drain = drain
     runtime.restarts = supervisor.restarts
 
+    notifier = Notifier.from_environ(log=runtime.log)
+
     def on_ready() -> None:
         runtime.log.info("daemon_ready", accounts=sorted(runtime.providers))
+        notifier.ready()  # every actor has started and the database has answered
         if ready is not None:
             ready.set()
 
@@ -114,6 +119,7 @@ async def _serve(runtime: Runtime, ready: trio.Event | None, drain: trio.Event) 
             await nursery.start(supervisor.supervise, "control", serve_control, runtime)
             runtime.actors += ["heartbeat", "control"]
             nursery.start_soon(_watch_signals, runtime, drain)
+            nursery.start_soon(_tell_systemd, runtime, notifier, drain)
             with trio.CancelScope() as pipeline_scope:
                 nursery.start_soon(_stop_after, runtime, drain, pipeline_scope)
                 await _run_pipeline(runtime, supervisor, drain, on_ready)
@@ -125,6 +131,26 @@ async def _serve(runtime: Runtime, ready: trio.Event | None, drain: trio.Event) 
         with trio.CancelScope(shield=True), trio.move_on_after(10):
             await _finish(runtime)
     return exit_code
+
+
+async def _tell_systemd(runtime: Runtime, notifier: Notifier, drain: trio.Event) -> None:
+    """STATUS= lines with the send rate, WATCHDOG=1 while the lease heartbeat keeps succeeding
+    (a wedged event loop or a lost database stops the pings), STOPPING=1 once a drain starts."""
+    interval = watchdog_interval() or STATUS_INTERVAL
+    last_total, last_time = 0, trio.current_time()
+    while not drain.is_set():
+        with trio.move_on_after(min(interval, STATUS_INTERVAL)):
+            await drain.wait()
+        now = trio.current_time()
+        total = sum(runtime.outcomes.values())
+        rate = (total - last_total) / max(now - last_time, 1e-6)
+        last_total, last_time = total, now
+        notifier.status(f"{rate:,.0f} msgs/s; sent {runtime.outcomes['sent']:,}, "
+                        f"failed {runtime.outcomes['failed']:,}")
+        if runtime.lease_valid_until > now and not drain.is_set():
+            notifier.watchdog()
+    notifier.stopping()
+    notifier.status("draining")
 
 
 async def _stop_after(runtime: Runtime, drain: trio.Event, scope: trio.CancelScope) -> None:
