@@ -195,11 +195,12 @@ def enqueue(config: Path, tmp: Path, tenant: str, recipients: list[str], *extra:
 class Daemon:
     """`sendd run` as a real process; its JSON log lines are kept in a file."""
 
-    def __init__(self, config: Path, log_path: Path) -> None:
+    def __init__(self, config: Path, log_path: Path, extra_env: dict[str, str] | None = None):
         self.log_path = log_path
         self._log = open(log_path, "a")  # noqa: SIM115 -- closed in wait()
         self.process = subprocess.Popen([*SENDD, "--config", str(config), "run"],
-                                        stderr=self._log, stdout=self._log, env=env())
+                                        stderr=self._log, stdout=self._log,
+                                        env={**env(), **(extra_env or {})})
 
     def wait_ready(self, timeout: float = 30) -> Daemon:
         wait_until(lambda: self.process.poll() is not None or '"daemon_ready"' in self.log(),
