@@ -51,6 +51,34 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
         time.sleep(interval)
 
 
+# --- the message state machine, written out independently of the schema's SQL -----------------
+
+STATUSES = ["queued", "sending", "sent", "delivered", "undelivered", "failed", "unknown",
+            "cancelled"]
+# The whole allowed set: every other (old, new) pair must be refused.
+ALLOWED = {
+    ("queued", "sending"), ("queued", "cancelled"),
+    ("sending", "queued"), ("sending", "sent"), ("sending", "failed"),
+    ("sending", "unknown"), ("sending", "cancelled"),
+    ("unknown", "sent"), ("unknown", "queued"), ("unknown", "failed"),
+    ("unknown", "delivered"), ("unknown", "undelivered"),
+    ("sent", "delivered"), ("sent", "undelivered"),
+}
+
+
+def assert_user_error(result: subprocess.CompletedProcess[str], *mentions: str) -> str:
+    """Non-zero exit, exactly one non-empty line on stderr naming `mentions`, no traceback."""
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Traceback" not in output, output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].strip(), result.stderr
+    assert result.stdout == "", result.stdout
+    for mention in mentions:
+        assert mention in lines[0], lines[0]
+    return lines[0]
+
+
 # --- database -------------------------------------------------------------------------------
 
 def query(url: str, sql: str, *args: Any) -> list[asyncpg.Record]:

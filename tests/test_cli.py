@@ -11,6 +11,7 @@ import pytest
 
 from harness import (
     SENDD,
+    assert_user_error,
     enqueue,
     env,
     numbers,
@@ -44,19 +45,6 @@ def run_many(commands: list[list[str]], config: Path,
         stdout, stderr = process.communicate(timeout=timeout)
         results.append(subprocess.CompletedProcess(args, process.returncode, stdout, stderr))
     return results
-
-
-def assert_user_error(result: subprocess.CompletedProcess[str], *mentions: str) -> str:
-    """Non-zero exit, exactly one non-empty line on stderr naming `mentions`, no traceback."""
-    output = result.stdout + result.stderr
-    assert result.returncode != 0, output
-    assert "Traceback" not in output, output
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].strip(), result.stderr
-    assert result.stdout == "", result.stdout
-    for mention in mentions:
-        assert mention in lines[0], lines[0]
-    return lines[0]
 
 
 def snapshot(url: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import pytest
 
 from harness import (
     SENDD,
+    assert_user_error,
     env,
     numbers,
     query,
@@ -54,19 +55,6 @@ def enqueue_json(config: Path, recipients: str | Path, *extra: str, text: str = 
 
 def messages(url: str) -> list[dict[str, Any]]:
     return [dict(r) for r in query(url, "SELECT * FROM sendd.message ORDER BY id")]
-
-
-def assert_user_error(result: subprocess.CompletedProcess, *mentions: str) -> str:
-    """Non-zero exit, exactly one non-empty line on stderr naming `mentions`, no traceback."""
-    output = result.stdout + result.stderr
-    assert result.returncode != 0, output
-    assert "Traceback" not in output, output
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].strip(), result.stderr
-    assert result.stdout == "", result.stdout
-    for mention in mentions:
-        assert mention in lines[0], lines[0]
-    return lines[0]
 
 
 def snapshot(url: str) -> dict[str, Any]:

@@ -9,19 +9,8 @@ from typing import Any
 import asyncpg
 import pytest
 
+from harness import ALLOWED, STATUSES
 from sendd import migrate
-
-STATUSES = ["queued", "sending", "sent", "delivered", "undelivered", "failed", "unknown",
-            "cancelled"]
-# The whole allowed set, written out: every other (old, new) pair must be refused.
-ALLOWED = {
-    ("queued", "sending"), ("queued", "cancelled"),
-    ("sending", "queued"), ("sending", "sent"), ("sending", "failed"),
-    ("sending", "unknown"), ("sending", "cancelled"),
-    ("unknown", "sent"), ("unknown", "queued"), ("unknown", "failed"),
-    ("unknown", "delivered"), ("unknown", "undelivered"),
-    ("sent", "delivered"), ("sent", "undelivered"),
-}
 
 
 def with_db(url: str, work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:

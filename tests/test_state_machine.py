@@ -28,6 +28,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from harness import ALLOWED, STATUSES
 from sendd import campaigns, leases, migrate, tenants
 from sendd.actors.poller import TENANT_BUDGETS, claim_due
 from sendd.actors.sender import MARK_SUBMITTED
@@ -36,17 +37,6 @@ from sendd.errors import UserError
 from sendd.model import FAILED, RELEASE, RETRY, SENT, UNKNOWN, BatchResult, Message, Outcome
 from sendd.runtime import Runtime
 
-STATUSES = ["queued", "sending", "sent", "delivered", "undelivered", "failed", "unknown",
-            "cancelled"]
-# The message state machine, written out: every observed change must be one of these.
-ALLOWED = {
-    ("queued", "sending"), ("queued", "cancelled"),
-    ("sending", "queued"), ("sending", "sent"), ("sending", "failed"),
-    ("sending", "unknown"), ("sending", "cancelled"),
-    ("unknown", "sent"), ("unknown", "queued"), ("unknown", "failed"),
-    ("unknown", "delivered"), ("unknown", "undelivered"),
-    ("sent", "delivered"), ("sent", "undelivered"),
-}
 ILLEGAL = sorted((a, b) for a in STATUSES for b in STATUSES if a != b and (a, b) not in ALLOWED)
 ACCEPTED = {"sent", "delivered", "undelivered"}
 FINAL = ACCEPTED | {"failed", "unknown", "cancelled"}
