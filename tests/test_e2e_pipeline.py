@@ -332,3 +332,52 @@ def test_sigterm_drains_and_a_new_daemon_finishes_without_duplicates(tmp_path: P
     assert status_counts(database_url, campaign_id) == {"sent": total}
     assert (row["sent"], row["failed"]) == (total, 0)
     assert_billing(database_url, "acme", 50_000, total)
+
+
+# --- the rest of the whole-request table, and single-message mode ----------------------------
+
+def test_400_fails_the_batch_with_the_providers_error(tmp_path: Path, database_url: str):
+    with FakeProvider("--status-override", "400") as provider:
+        config = write_config(tmp_path / "sendd.toml", database_url, provider.url,
+                              accounts={"main": {"max_batch": 50}})
+        setup_database(config, {"acme": 1_000})
+        campaign_id = enqueue(config, tmp_path, "acme", numbers(100))["campaign_id"]
+        with Daemon(config, tmp_path / "daemon.log").wait_ready():
+            wait_campaign(database_url, campaign_id, "completed", 30)
+        stats = provider.stats()
+    rows = query(database_url, "SELECT error_code, attempts, count(*) FROM sendd.message "
+                               "GROUP BY error_code, attempts")
+    assert [(r["error_code"], r["attempts"], r["count"]) for r in rows] == [("HTTP_400", 1, 100)]
+    assert stats["responses"] == {"400": 2}  # no retry: a malformed request stays malformed
+    assert_billing(database_url, "acme", 1_000, 0)
+
+
+def test_402_suspends_the_account_like_a_401(tmp_path: Path, database_url: str):
+    with FakeProvider("--status-override", "402") as provider:
+        config = write_config(tmp_path / "sendd.toml", database_url, provider.url)
+        setup_database(config, {"acme": 1_000})
+        enqueue(config, tmp_path, "acme", numbers(200))
+        with Daemon(config, tmp_path / "daemon.log").wait_ready() as daemon:
+            wait_until(lambda: daemon.events("account_suspended"), 20, "account_suspended")
+            wait_until(lambda: status_counts(database_url) == {"queued": 200}, 10,
+                       "every message back in the queue")
+            reason = daemon.events("account_suspended")[0]["reason"]
+        assert provider.stats()["accepted"] == 0
+    assert "balance" in reason and "402" in reason
+
+
+def test_single_message_mode_sends_one_request_per_message(tmp_path: Path, database_url: str,
+                                                          fake_provider: FakeProvider):
+    config = write_config(tmp_path / "sendd.toml", database_url, fake_provider.url,
+                          accounts={"main": {"single": True, "max_batch": 1}})
+    setup_database(config, {"acme": 1_000})
+    campaign_id = enqueue(config, tmp_path, "acme", numbers(300))["campaign_id"]
+    with Daemon(config, tmp_path / "daemon.log").wait_ready():
+        wait_campaign(database_url, campaign_id, "completed", 60)
+    stats = fake_provider.stats()
+    assert status_counts(database_url, campaign_id) == {"sent": 300}
+    assert stats["send_requests"] == 300 and stats["accepted"] == 300
+    assert stats["duplicate_references"] == 0
+    assert scalar(database_url, "SELECT count(*) FROM sendd.message "
+                                "WHERE provider_message_id IS NULL") == 0
+    assert_billing(database_url, "acme", 1_000, 300)

@@ -253,6 +253,7 @@ async def status(runtime: Runtime, db: trio.CapacityLimiter,
         "channels": {name: _fill(end) for name, end in runtime.channels.items()},
         "accounts": {name: _account_status(runtime, name) for name in runtime.config.accounts},
         "suspended": dict(runtime.suspended),
+        "problems": runtime.current_problems(),
         "paused": _paused(runtime),
         "outcomes": dict(runtime.outcomes),
     }

@@ -92,7 +92,7 @@ async def connect(url: str, timeout: float = 10.0) -> AsyncIterator[Any]:
                 pass  # closing a connection the server already dropped
 
 
-async def keep_connected(pool: Any, log: Any, actor: str,
+async def keep_connected(runtime: Any, actor: str,
                          session: Callable[[Any], Awaitable[None]]) -> None:
     """Run `session(conn)` on a pooled connection until it returns. When the database goes
     away (a restart, dropped connections) wait with backoff and start the session again on a
@@ -103,7 +103,7 @@ async def keep_connected(pool: Any, log: Any, actor: str,
     while True:
         started = trio.current_time()
         try:
-            async with pool.acquire() as conn:
+            async with runtime.pool.acquire() as conn:
                 await session(conn)
             return
         except RETRYABLE_ERRORS as error:
@@ -111,6 +111,8 @@ async def keep_connected(pool: Any, log: Any, actor: str,
                 failures = 0  # a new outage, not the same one going on
             failures += 1
             delay = retry_delay(min(failures, 6), base=0.2, cap=5.0)
-            log.warning("database_unavailable", actor=actor, retry_in=round(delay, 2),
-                        error=str(error).splitlines()[0] if str(error) else type(error).__name__)
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            runtime.report_problem(actor, f"database unavailable: {reason}")
+            runtime.log.warning("database_unavailable", actor=actor, retry_in=round(delay, 2),
+                                error=reason)
             await trio.sleep(delay)

@@ -20,6 +20,9 @@ from sendd.config import Config
 from sendd.providers.base import Provider
 from sendd.ratelimit import Governor
 
+# Longer than the longest retry backoff (5 s), so a problem stays visible between attempts.
+PROBLEM_MEMORY = 12.0
+
 
 def new_instance_id(configured: str = "") -> str:
     """A fresh id per start, so a restarted daemon never mistakes old leases for its own."""
@@ -44,6 +47,8 @@ class Runtime:
     batch_cap: dict[str, int] = field(default_factory=dict)
     # Messages by outcome, for status, metrics and the demo.
     outcomes: Counter[str] = field(default_factory=Counter)
+    # Recent trouble per actor (reason, trio time), for status and health.
+    problems: dict[str, tuple[str, float]] = field(default_factory=dict)
     # Trio time until which this instance's lease surely lasts (kept by the heartbeat).
     lease_valid_until: float = 0.0
     # Set to wake the poller early (new work was queued, a pause was lifted).
@@ -73,3 +78,14 @@ class Runtime:
 
     def wake_poller(self) -> None:
         self.wakeup.set()
+
+    def report_problem(self, actor: str, reason: str) -> None:
+        """An actor cannot do its work right now (e.g. the database is away)."""
+        self.problems[actor] = (reason, trio.current_time())
+
+    def current_problems(self) -> dict[str, str]:
+        """Problems reported recently: an actor that retries reports again on every attempt,
+        so one not heard of for PROBLEM_MEMORY seconds has recovered."""
+        now = trio.current_time()
+        return {actor: reason for actor, (reason, at) in self.problems.items()
+                if now - at < PROBLEM_MEMORY}

@@ -179,7 +179,7 @@ async def run_poller(
                     pass  # the connection is gone, and its listener with it
 
     async with claims:
-        await keep_connected(runtime.pool, runtime.log, "poller", session)
+        await keep_connected(runtime, "poller", session)
 
 
 async def _claim_forever(runtime: Runtime, conn: Any, claims: trio.MemorySendChannel,

@@ -37,6 +37,7 @@ async def run_heartbeat(
             async with runtime.pool.acquire() as conn:
                 renewed = await leases.renew(conn, runtime.instance_id, lease)
         except RETRYABLE_ERRORS as error:
+            runtime.report_problem("heartbeat", f"cannot renew the lease: {error}")
             if trio.current_time() < runtime.lease_valid_until:
                 runtime.log.warning("heartbeat_failed", error=str(error) or type(error).__name__)
                 continue
@@ -72,5 +73,5 @@ async def run_reaper(
     async with unsettled:
         task_status.started()
         while True:
-            await keep_connected(runtime.pool, runtime.log, "reaper", reap)
+            await keep_connected(runtime, "reaper", reap)
             await trio.sleep(interval)

@@ -133,6 +133,7 @@ async def mark_submitted(runtime: Runtime, batch: Batch) -> int:
             if mark is not None:
                 return mark  # written; only giving the connection back failed: no second mark
             failures += 1
+            runtime.report_problem("sender", f"cannot write submission marks: {error}")
             runtime.log.warning("mark_retry", error=str(error) or type(error).__name__)
             await trio.sleep(retry_delay(min(failures, 6), base=0.2, cap=5.0))
             continue

@@ -113,6 +113,7 @@ async def flush(runtime: Runtime, pending: list[BatchResult]) -> None:
                 break  # committed; only giving the connection back failed: do not apply twice
             failures += 1
             delay = retry_delay(min(failures, 6), base=0.2, cap=5.0)
+            runtime.report_problem("writer", f"cannot store results: {error}")
             runtime.log.warning("writer_retry", error=str(error) or type(error).__name__,
                                 results=sum(len(r.outcomes) for r in pending), retry_in=delay)
             await trio.sleep(delay)
