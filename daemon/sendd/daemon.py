@@ -28,6 +28,7 @@ from sendd.config import Config, mask_url
 from sendd.control import reload_on_signal, serve_control
 from sendd.db import CONNECTION_ERRORS
 from sendd.errors import UserError
+from sendd.http import serve_http
 from sendd.notify import Notifier, watchdog_interval
 from sendd.providers import open_provider
 from sendd.ratelimit import Governor
@@ -115,9 +116,12 @@ async def _serve(runtime: Runtime, ready: trio.Event | None, drain: trio.Event) 
 
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(supervisor.supervise, "heartbeat", run_heartbeat, runtime)
-            await nursery.start(supervisor.supervise, "control", serve_control, runtime)
-            runtime.actors += ["heartbeat", "control"]
+            # runtime.watched records crashes for /healthz (sendd.http).
+            for name, actor in (("heartbeat", run_heartbeat), ("control", serve_control),
+                                ("http", serve_http)):  # http: /healthz /readyz /metrics
+                await nursery.start(supervisor.supervise, name, runtime.watched(name, actor),
+                                    runtime)
+            runtime.actors += ["heartbeat", "control", "http"]
             nursery.start_soon(_watch_signals, runtime, drain)
             nursery.start_soon(_tell_systemd, runtime, notifier, drain)
             with trio.CancelScope() as pipeline_scope:
@@ -187,7 +191,9 @@ async def _run_pipeline(runtime: Runtime, supervisor: Supervisor, drain: trio.Ev
 
     def start(nursery: trio.Nursery, name: str, actor: Any, *channels: Any) -> Any:
         runtime.actors.append(name)
-        run = functools.partial(supervisor.supervise, name, actor, runtime, channels=channels)
+        # runtime.watched records crashes for /healthz (sendd.http).
+        run = functools.partial(supervisor.supervise, name, runtime.watched(name, actor), runtime,
+                                channels=channels)
         return nursery.start(run)
 
     async with trio.open_nursery() as tail:

@@ -89,10 +89,16 @@ async def send_batch(runtime: Runtime, batch: Batch) -> list[BatchResult | Unset
         released = [Outcome(m, RELEASE, counts_attempt=False) for m in batch.messages]
         return [BatchResult(None, released)]
     batch.submission_id = await mark_submitted(runtime, batch)
-    await runtime.governor.acquire(batch.account, batch.tenant_id, len(batch.messages))
+    waited = await runtime.governor.acquire(batch.account, batch.tenant_id, len(batch.messages))
     await wait_for_lease(runtime, runtime.config.accounts[batch.account].timeout + LEASE_MARGIN)
     started = time.time()  # wall clock: logged, so rates can be checked from the log
+    request_started = trio.current_time()
     response = await runtime.providers[batch.account].send(batch.messages)
+    # Metrics (sendd.metrics): rate wait, request time, batch size.
+    runtime.metrics.rate_wait.observe(waited)
+    runtime.metrics.provider_request.labels(batch.account).observe(
+        trio.current_time() - request_started)
+    runtime.metrics.batch_size.observe(len(batch.messages))
     if response.kind == base.TOO_LARGE and len(batch.messages) > 1:
         return [BatchResult(batch.submission_id), *await _split(runtime, batch)]
     if response.kind == base.AMBIGUOUS:

@@ -102,6 +102,7 @@ async def flush(runtime: Runtime, pending: list[BatchResult]) -> None:
     if not pending:
         return
     failures = 0
+    flush_started = trio.current_time()  # for sendd_writer_flush_seconds
     while True:
         written = None
         try:
@@ -118,5 +119,12 @@ async def flush(runtime: Runtime, pending: list[BatchResult]) -> None:
                                 results=sum(len(r.outcomes) for r in pending), retry_in=delay)
             await trio.sleep(delay)
     expected = sum(len(r.outcomes) for r in pending)
+    # Metrics (sendd.metrics): flush time and size; outcomes counted once stored, which covers
+    # the senders' and the settler's results alike.
+    runtime.metrics.flush_seconds.observe(trio.current_time() - flush_started)
+    runtime.metrics.flush_size.observe(expected)
+    for result in pending:
+        for o in result.outcomes:
+            runtime.outcomes_by[o.status, o.message.account, o.message.tenant_id] += 1
     if written != expected:
         runtime.log.warning("writer_rows_skipped", expected=expected, written=written)

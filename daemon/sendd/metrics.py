@@ -1,0 +1,113 @@
+"""Prometheus metrics: one registry per daemon (never the global one).
+
+Histograms are observed where the work happens (sender, writer). Everything that is state
+already (outcome counts, channel fill, restart counts) is read from the runtime at scrape
+time by `StateCollector`, not copied. The database gauges (backlog, leases) are refreshed by
+a background loop (`refresh_database_gauges`), never on the scrape path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import trio
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from sendd.db import RETRYABLE_ERRORS
+
+if TYPE_CHECKING:
+    from sendd.runtime import Runtime
+
+REFRESH_INTERVAL = 5.0  # seconds between backlog/lease queries
+REFRESH_TIMEOUT = 4.0
+
+QUEUED = "SELECT count(*) FROM sendd.message WHERE status = 'queued'"
+ACTIVE_LEASES = ("SELECT count(*) FROM sendd.instance "
+                 "WHERE stopped_at IS NULL AND lease_until > now()")
+
+_SIZES = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+_SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self, runtime: Runtime) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.provider_request = Histogram(
+            "sendd_provider_request_seconds", "Provider send request duration",
+            ["account"], buckets=_SECONDS, registry=r)
+        self.batch_size = Histogram(
+            "sendd_batch_size", "Messages per provider request", buckets=_SIZES, registry=r)
+        self.rate_wait = Histogram(
+            "sendd_rate_wait_seconds", "Time waited for the rate governor",
+            buckets=(0, *_SECONDS), registry=r)
+        self.flush_seconds = Histogram(
+            "sendd_writer_flush_seconds", "Writer flush duration, retries included",
+            buckets=_SECONDS, registry=r)
+        self.flush_size = Histogram(
+            "sendd_writer_flush_size", "Outcomes stored per writer flush",
+            buckets=_SIZES, registry=r)
+        self.queued = Gauge(
+            "sendd_queued_messages", "Messages queued in the database (refreshed every 5 s)",
+            registry=r)
+        self.active_leases = Gauge(
+            "sendd_active_leases", "Live sendd.instance leases (refreshed every 5 s)",
+            registry=r)
+        r.register(StateCollector(runtime))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class StateCollector(Collector):
+    """Reads the runtime's own counters and channels at scrape time."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def describe(self) -> list[Metric]:
+        return []  # unchecked: the families depend on what is running
+
+    def collect(self) -> Iterator[Metric]:
+        rt = self.runtime
+        messages = CounterMetricFamily("sendd_messages", "Messages stored, by outcome",
+                                       labels=["outcome", "account", "tenant"])
+        for (outcome, account, tenant), count in sorted(rt.outcomes_by.items()):
+            messages.add_metric([outcome, account, tenant], count)
+        yield messages
+        used = GaugeMetricFamily("sendd_channel_used", "Items buffered in a pipeline channel",
+                                 labels=["channel"])
+        capacity = GaugeMetricFamily("sendd_channel_capacity", "Pipeline channel capacity",
+                                     labels=["channel"])
+        for name, channel in sorted(rt.channels.items()):
+            stats = channel.statistics()
+            used.add_metric([name], stats.current_buffer_used)
+            capacity.add_metric([name], stats.max_buffer_size)
+        yield used
+        yield capacity
+        restarts = CounterMetricFamily("sendd_actor_restarts", "Actor restarts by the supervisor",
+                                       labels=["actor"])
+        for actor in sorted(set(rt.actors) | set(rt.restarts)):
+            restarts.add_metric([actor], rt.restarts.get(actor, 0))
+        yield restarts
+
+
+async def refresh_database_gauges(runtime: Runtime) -> None:
+    """Keep the backlog and lease gauges fresh; a failed query leaves the last values."""
+    metrics = runtime.metrics
+    next_at = trio.current_time()
+    while True:
+        with trio.move_on_after(REFRESH_TIMEOUT):
+            try:
+                async with runtime.pool.acquire() as conn:
+                    queued = await conn.fetchval(QUEUED)
+                    leases = await conn.fetchval(ACTIVE_LEASES)
+                metrics.queued.set(queued)
+                metrics.active_leases.set(leases)
+            except RETRYABLE_ERRORS as error:
+                runtime.log.debug("metrics_refresh_failed", error=str(error))
+        next_at += REFRESH_INTERVAL  # drift-free
+        await trio.sleep_until(max(next_at, trio.current_time()))
