@@ -105,6 +105,7 @@ async def _serve(runtime: Runtime, ready: trio.Event | None, drain: trio.Event) 
     # Control socket: status reads the drain event and restart counts through the runtime.
     runtime.drain = drain
     runtime.restarts = supervisor.restarts
+    runtime.crashed_at = supervisor.crashed_at  # for /healthz
 
     notifier = Notifier.from_environ(log=runtime.log)
 
@@ -116,11 +117,9 @@ async def _serve(runtime: Runtime, ready: trio.Event | None, drain: trio.Event) 
 
     try:
         async with trio.open_nursery() as nursery:
-            # runtime.watched records crashes for /healthz (sendd.http).
             for name, actor in (("heartbeat", run_heartbeat), ("control", serve_control),
                                 ("http", serve_http)):  # http: /healthz /readyz /metrics
-                await nursery.start(supervisor.supervise, name, runtime.watched(name, actor),
-                                    runtime)
+                await nursery.start(supervisor.supervise, name, actor, runtime)
             runtime.actors += ["heartbeat", "control", "http"]
             nursery.start_soon(_watch_signals, runtime, drain)
             nursery.start_soon(_tell_systemd, runtime, notifier, drain)
@@ -191,9 +190,7 @@ async def _run_pipeline(runtime: Runtime, supervisor: Supervisor, drain: trio.Ev
 
     def start(nursery: trio.Nursery, name: str, actor: Any, *channels: Any) -> Any:
         runtime.actors.append(name)
-        # runtime.watched records crashes for /healthz (sendd.http).
-        run = functools.partial(supervisor.supervise, name, runtime.watched(name, actor), runtime,
-                                channels=channels)
+        run = functools.partial(supervisor.supervise, name, actor, runtime, channels=channels)
         return nursery.start(run)
 
     async with trio.open_nursery() as tail:

@@ -69,23 +69,13 @@ class Runtime:
     # --- read by the HTTP server (sendd.http, sendd.metrics) -----------------------------
     # Messages by (outcome, account, tenant), counted by the writer as it stores them.
     outcomes_by: Counter[tuple[str, str, str]] = field(default_factory=Counter)
-    # Trio time each actor last crashed (filled by `watched`), for /healthz.
+    # Trio time each actor last crashed (the supervisor's record), for /healthz.
     crashed_at: dict[str, float] = field(default_factory=dict)
     # This daemon's Prometheus registry and instruments (made in __post_init__).
     metrics: Metrics = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self)
-
-    def watched(self, name: str, actor: Any) -> Any:
-        """`actor`, recording in `crashed_at` when an incarnation of it raises."""
-        async def run(*args: Any, **kwargs: Any) -> None:
-            try:
-                await actor(*args, **kwargs)
-            except Exception:
-                self.crashed_at[name] = trio.current_time()
-                raise
-        return run
 
     def excluded_accounts(self) -> list[str]:
         """Accounts the poller must not claim for: suspended, paused or not configured here."""

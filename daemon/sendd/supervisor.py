@@ -36,6 +36,7 @@ class Supervisor:
         self.window = window
         self.fatal = fatal
         self.restarts: Counter[str] = Counter()
+        self.crashed_at: dict[str, float] = {}  # trio time of each actor's last crash
         self._recent: deque[float] = deque()
 
     async def supervise(
@@ -72,6 +73,7 @@ class Supervisor:
     async def _crashed(self, name: str, error: Exception) -> None:
         self.restarts[name] += 1
         now = trio.current_time()
+        self.crashed_at[name] = now
         self._recent.append(now)
         while self._recent and self._recent[0] < now - self.window:
             self._recent.popleft()
