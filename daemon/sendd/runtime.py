@@ -46,8 +46,6 @@ class Runtime:
     paused_tenants: set[str] = field(default_factory=set)
     # Accounts whose provider refused a batch as too large: account -> the size that fits.
     batch_cap: dict[str, int] = field(default_factory=dict)
-    # Messages by outcome, for status, metrics and the demo.
-    outcomes: Counter[str] = field(default_factory=Counter)
     # Recent trouble per actor (reason, trio time), for status and health.
     problems: dict[str, tuple[str, float]] = field(default_factory=dict)
     # Trio time until which this instance's lease surely lasts (kept by the heartbeat).
@@ -76,6 +74,14 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self)
+
+    @property
+    def outcomes(self) -> Counter[str]:
+        """Stored outcomes by status (derived from the per-account and tenant counts)."""
+        by_status: Counter[str] = Counter()
+        for (status, _account, _tenant), count in self.outcomes_by.items():
+            by_status[status] += count
+        return by_status
 
     def excluded_accounts(self) -> list[str]:
         """Accounts the poller must not claim for: suspended, paused or not configured here."""

@@ -219,7 +219,6 @@ def _log_batch(runtime: Runtime, batch: Batch, response: base.SendResponse,
     counts: dict[str, int] = {}
     for outcome in outcomes:
         counts[outcome.status] = counts.get(outcome.status, 0) + 1
-    runtime.outcomes.update(counts)
     fields: dict[str, Any] = {
         "batch": batch.submission_id, "account": batch.account, "tenant": batch.tenant_id,
         "campaigns": sorted({m.campaign_id for m in batch.messages if m.campaign_id}),

@@ -63,7 +63,6 @@ async def settle(runtime: Runtime, item: Unsettled, limiter: trio.CapacityLimite
             nursery.start_soon(settle_one, message)
     counts = {s: sum(1 for o in outcomes if o.status == s) for s in (SENT, RETRY, UNKNOWN)}
     runtime.log.info("batch_settled", batch=item.submission_id, account=item.account, **counts)
-    runtime.outcomes.update({s: n for s, n in counts.items() if s != RETRY})
     return BatchResult(item.submission_id, outcomes)
 
 
