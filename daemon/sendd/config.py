@@ -133,6 +133,7 @@ class DaemonConfig:
     control_socket: str = _key("/run/sendd/control.sock", _SOCKET)
     http_listen: str = _key("127.0.0.1:9464", _LISTEN)
     stop_timeout: float = _key(30.0, _positive(3600))
+    stall_seconds: float = _key(60.0, _positive(3600))  # an actor busy this long is wedged
     log_level: str = _key("info", _choice("debug", "info", "warning", "error"))
     log_format: str = _key("json", _choice("json", "console"))
 
@@ -324,7 +325,9 @@ def _known_keys(cls: type) -> set[str]:
 
 def _unknown(prefix: str, key: str, where: str) -> ConfigError:
     label = f"{prefix}.{key}" if prefix else key
-    match = difflib.get_close_matches(label, _suggestions(prefix, key), n=1)
+    # The same key in another section is a surer guess than a similar spelling in this one.
+    elsewhere = [f"{s}.{key}" for s in _owners(key) if prefix and s != prefix]
+    match = elsewhere[:1] or difflib.get_close_matches(label, _suggestions(prefix, key), n=1)
     hint = f' (did you mean "{match[0]}"?)' if match else ""
     return ConfigError(f'unknown key "{label}" {where}{hint}')
 

@@ -137,8 +137,9 @@ async def _serve(runtime: Runtime, ready: trio.Event | None, drain: trio.Event) 
 
 
 async def _tell_systemd(runtime: Runtime, notifier: Notifier, drain: trio.Event) -> None:
-    """STATUS= lines with the send rate, WATCHDOG=1 while the lease heartbeat keeps succeeding
-    (a wedged event loop or a lost database stops the pings), STOPPING=1 once a drain starts."""
+    """STATUS= lines with the send rate; WATCHDOG=1 while the lease heartbeat keeps succeeding and
+    no actor is wedged (a wedged actor, a blocked event loop or a lost database stop the pings);
+    STOPPING=1 once a drain starts."""
     interval = watchdog_interval() or STATUS_INTERVAL
     last_total, last_time = 0, trio.current_time()
     while not drain.is_set():
@@ -150,7 +151,7 @@ async def _tell_systemd(runtime: Runtime, notifier: Notifier, drain: trio.Event)
         last_total, last_time = total, now
         notifier.status(f"{rate:,.0f} msgs/s; sent {runtime.outcomes['sent']:,}, "
                         f"failed {runtime.outcomes['failed']:,}")
-        if runtime.lease_valid_until > now and not drain.is_set():
+        if runtime.lease_valid_until > now and not runtime.stalled() and not drain.is_set():
             notifier.watchdog()
     notifier.stopping()
     notifier.status("draining")

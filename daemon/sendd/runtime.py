@@ -10,6 +10,8 @@ import os
 import secrets
 import socket
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +48,8 @@ class Runtime:
     paused_tenants: set[str] = field(default_factory=set)
     # Accounts whose provider refused a batch as too large: account -> the size that fits.
     batch_cap: dict[str, int] = field(default_factory=dict)
+    # Work in progress per actor (see `working`), to tell a wedged actor from an idle one.
+    busy_since: dict[tuple[str, object], float] = field(default_factory=dict)
     # Recent trouble per actor (reason, trio time), for status and health.
     problems: dict[str, tuple[str, float]] = field(default_factory=dict)
     # Trio time until which this instance's lease surely lasts (kept by the heartbeat).
@@ -95,6 +99,26 @@ class Runtime:
 
     def wake_poller(self) -> None:
         self.wakeup.set()
+
+    @contextmanager
+    def working(self, actor: str) -> Iterator[None]:
+        """Mark `actor` busy on one piece of work (not waiting on a channel or a timer); an actor
+        busy longer than `daemon.stall_seconds` is wedged."""
+        token = (actor, object())  # several senders share a name
+        self.busy_since[token] = trio.current_time()
+        try:
+            yield
+        finally:
+            del self.busy_since[token]
+
+    def stalled(self) -> dict[str, float]:
+        """Wedged actors and how long each has been busy."""
+        now, limit = trio.current_time(), self.config.daemon.stall_seconds
+        wedged: dict[str, float] = {}
+        for (actor, _), since in self.busy_since.items():
+            if now - since >= limit:
+                wedged[actor] = max(wedged.get(actor, 0.0), now - since)
+        return wedged
 
     def report_problem(self, actor: str, reason: str) -> None:
         """An actor cannot do its work right now (e.g. the database is away)."""

@@ -187,14 +187,15 @@ async def _claim_forever(runtime: Runtime, conn: Any, claims: trio.MemorySendCha
     """Claim, hand over, and wait for work (NOTIFY or the poll interval) when there is none."""
     next_housekeeping = 0.0
     while True:
-        housekeeping = trio.current_time() >= next_housekeeping
-        if housekeeping:
-            await housekeep(conn, runtime)
-            next_housekeeping = trio.current_time() + HOUSEKEEPING_INTERVAL
-        runtime.wakeup = trio.Event()
-        claim = await claim_due(conn, runtime)
-        if housekeeping and claim.unserved:
-            await pause_starved(conn, runtime, claim.unserved)
+        with runtime.working("poller"):
+            housekeeping = trio.current_time() >= next_housekeeping
+            if housekeeping:
+                await housekeep(conn, runtime)
+                next_housekeeping = trio.current_time() + HOUSEKEEPING_INTERVAL
+            runtime.wakeup = trio.Event()
+            claim = await claim_due(conn, runtime)
+            if housekeeping and claim.unserved:
+                await pause_starved(conn, runtime, claim.unserved)
         if claim.messages:
             await claims.send(claim.messages)
             continue  # more may be due right away

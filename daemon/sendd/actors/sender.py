@@ -88,12 +88,15 @@ async def send_batch(runtime: Runtime, batch: Batch) -> list[BatchResult | Unset
     if batch.account in runtime.suspended:
         released = [Outcome(m, RELEASE, counts_attempt=False) for m in batch.messages]
         return [BatchResult(None, released)]
-    batch.submission_id = await mark_submitted(runtime, batch)
+    with runtime.working("sender"):
+        batch.submission_id = await mark_submitted(runtime, batch)
+    # Waiting for the rate governor is not being wedged (a 429 can ask for minutes).
     waited = await runtime.governor.acquire(batch.account, batch.tenant_id, len(batch.messages))
-    await wait_for_lease(runtime, runtime.config.accounts[batch.account].timeout + LEASE_MARGIN)
-    started = time.time()  # wall clock: logged, so rates can be checked from the log
-    request_started = trio.current_time()
-    response = await runtime.providers[batch.account].send(batch.messages)
+    with runtime.working("sender"):
+        await wait_for_lease(runtime, runtime.config.accounts[batch.account].timeout + LEASE_MARGIN)
+        started = time.time()  # wall clock: logged, so rates can be checked from the log
+        request_started = trio.current_time()
+        response = await runtime.providers[batch.account].send(batch.messages)
     # Metrics (sendd.metrics): rate wait, request time, batch size.
     runtime.metrics.rate_wait.observe(waited)
     runtime.metrics.provider_request.labels(batch.account).observe(

@@ -101,6 +101,11 @@ async def flush(runtime: Runtime, pending: list[BatchResult]) -> None:
     """Write until it succeeds: a database outage delays results, never loses them."""
     if not pending:
         return
+    with runtime.working("writer"):
+        await _write_until_stored(runtime, pending)
+
+
+async def _write_until_stored(runtime: Runtime, pending: list[BatchResult]) -> None:
     failures = 0
     flush_started = trio.current_time()  # for sendd_writer_flush_seconds
     while True:
