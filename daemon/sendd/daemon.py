@@ -33,7 +33,7 @@ from sendd.notify import Notifier, watchdog_interval
 from sendd.providers import open_provider
 from sendd.ratelimit import Governor
 from sendd.runtime import Runtime, new_instance_id
-from sendd.supervisor import CrashLoop, Supervisor
+from sendd.supervisor import CrashLoop, Supervisor, first_leaf
 
 UNSETTLED_CAPACITY = 64
 STATUS_INTERVAL = 5.0  # seconds between STATUS= lines to systemd
@@ -128,7 +128,7 @@ async def _serve(runtime: Runtime, ready: trio.Event | None, drain: trio.Event) 
                 await _run_pipeline(runtime, supervisor, drain, on_ready)
             nursery.cancel_scope.cancel()
     except* (CrashLoop, LeaseLost) as group:
-        runtime.log.error("daemon_failed", error=str(_first_leaf(group)))
+        runtime.log.error("daemon_failed", error=str(first_leaf(group)))
         exit_code = 1
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(10):
@@ -222,9 +222,3 @@ async def _finish(runtime: Runtime) -> None:
         runtime.log.warning("finish_failed", error=str(error), detail="leases will expire")
         return
     runtime.log.info("daemon_stopped", unsettled_batches=open_marks)
-
-
-def _first_leaf(error: BaseException) -> BaseException:
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return error

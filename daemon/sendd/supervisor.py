@@ -77,13 +77,13 @@ class Supervisor:
         self._recent.append(now)
         while self._recent and self._recent[0] < now - self.window:
             self._recent.popleft()
-        self.log.error("actor_crashed", actor=name, error=f"{type(error).__name__}: {error}",
+        cause = first_leaf(error)  # the actor's own error, not the nursery's group around it
+        described = f"{type(cause).__name__}: {cause}".splitlines()[0]
+        self.log.error("actor_crashed", actor=name, error=described,
                        restarts=self.restarts[name], exc_info=error)
         if len(self._recent) > self.max_restarts:
-            raise CrashLoop(
-                f"{len(self._recent)} actor restarts within {self.window:g}s "
-                f"(last: {name}: {type(error).__name__}: {error})"
-            ) from error
+            raise CrashLoop(f"{len(self._recent)} actor restarts within {self.window:g}s "
+                            f"(last: {name}: {described})") from error
         await trio.sleep(retry_delay(min(self.restarts[name], 8), base=0.1, cap=10.0))
 
 
@@ -98,3 +98,10 @@ def _contains(error: BaseException, kinds: tuple[type[BaseException], ...]) -> b
     if isinstance(error, BaseExceptionGroup):
         return any(_contains(inner, kinds) for inner in error.exceptions)
     return False
+
+
+def first_leaf(error: BaseException) -> BaseException:
+    """The first error inside (possibly nested) exception groups."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
