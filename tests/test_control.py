@@ -11,6 +11,7 @@ import socket
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -487,3 +488,39 @@ def test_format_status_reads_like_a_summary() -> None:
     assert "writer (2 restarts)" in text and "claims 1/4" in text
     assert "main: 50 msgs/s, unlimited reqs/s (configured 100, unlimited), max batch 100; " \
            "PAUSED; SUSPENDED: 401 unauthorized" in text
+
+
+def test_many_clients_at_once_do_not_slow_the_pipeline(tmp_path, database_url, fake_provider):
+    """50 clients asking for status as fast as they can, while a campaign runs: every reply
+    arrives and the campaign takes no more than a little longer than one sent without them."""
+    config, sock = ctl_setup(tmp_path, database_url, fake_provider.url,
+                             accounts={"main": {"max_batch": 200}})
+    setup_database(config, {"acme": 1_000_000})
+
+    def campaign_seconds(start: int) -> float:
+        began = time.monotonic()
+        enqueue(config, tmp_path, "acme", numbers(10_000, start=start))
+        wait_until(lambda: sent(database_url) == start + 10_000, 120, "the campaign")
+        return time.monotonic() - began
+
+    with Daemon(config, tmp_path / "daemon.log").wait_ready():
+        alone = campaign_seconds(0)
+        stop = threading.Event()
+        replies: list[int] = []
+
+        def pester() -> None:
+            with Client(sock) as client:
+                while not stop.is_set():
+                    replies.append(int(client.call(cmd="status")["ok"]))
+
+        threads = [threading.Thread(target=pester) for _ in range(50)]
+        for thread in threads:
+            thread.start()
+        try:
+            crowded = campaign_seconds(10_000)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(30)
+    assert len(replies) > 50 and all(replies)
+    assert crowded <= 2 * alone + 3, (alone, crowded)

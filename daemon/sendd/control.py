@@ -42,6 +42,8 @@ LINGER = 1.0  # after refusing an oversized line: how long to swallow what the c
 DB_TIMEOUT = 10.0
 DB_CONCURRENCY = 2  # pool connections the control socket may hold at once
 WATCH_INTERVAL = 1.0
+REQUEST_INTERVAL = 0.02  # seconds between one connection's requests (at most 50 a second)
+STATUS_TTL = 0.1  # one status reply serves every client that asks within this time
 RECEIVE_SIZE = 16 * 1024
 
 SCOPES = ("all", "tenant", "campaign", "account")
@@ -496,6 +498,7 @@ class ControlServer:
         self.db = trio.CapacityLimiter(DB_CONCURRENCY)
         self.allowed_uids = {0, os.getuid()}
         self.connections = 0
+        self._status_cache: tuple[float, dict[str, Any]] = (float("-inf"), {})
 
     async def handle(self, stream: trio.SocketStream) -> None:
         """One connection; whatever goes wrong in it ends only this connection."""
@@ -526,7 +529,11 @@ class ControlServer:
             await _linger(stream)
             return
         lines = LineReader(stream)
+        next_request = trio.current_time()
         while True:
+            # Paced per connection, so many eager clients cannot crowd out the pipeline.
+            await trio.sleep_until(next_request)
+            next_request = trio.current_time() + REQUEST_INTERVAL
             try:
                 line = await _read_line(lines)
             except LineTooLong:
@@ -557,8 +564,19 @@ class ControlServer:
             finally:
                 self.runtime.drain.set()  # asked for: drain even if the client left already
             return True
-        await send_reply(stream, await answer(self.runtime, self.db, request))
+        if request.cmd == "status":
+            await send_reply(stream, await self._status(request))
+        else:
+            await send_reply(stream, await answer(self.runtime, self.db, request))
         return True
+
+    async def _status(self, request: Request) -> dict[str, Any]:
+        """Status, computed at most once per STATUS_TTL however many clients ask."""
+        at, reply = self._status_cache
+        if trio.current_time() - at >= STATUS_TTL:
+            reply = await answer(self.runtime, self.db, request)
+            self._status_cache = (trio.current_time(), reply)
+        return reply
 
 
 async def _read_line(lines: LineReader) -> bytes | None:
