@@ -369,7 +369,8 @@ def test_reload_applies_a_good_file_and_refuses_a_bad_one(tmp_path, database_url
         configure(msgs_per_s=100)
         reply = sendd_json(config, "ctl", "reload")
         assert reply == {"ok": True, "source": str(config),
-                         "applied": ["accounts.main.msgs_per_s"], "restart_required": []}
+                         "applied": ["accounts.main.msgs_per_s"], "rebuilt": [],
+                         "restart_required": []}
         time.sleep(2.5)
         reset(fake_provider)
         time.sleep(2.5)
@@ -380,14 +381,20 @@ def test_reload_applies_a_good_file_and_refuses_a_bad_one(tmp_path, database_url
         assert refused["ok"] is False and 'unknown key "bogus"' in refused["error"]
         assert client.call(cmd="status")["accounts"]["main"]["msgs_per_s"] == 100
 
-        # SIGHUP does the same; what cannot change live is named, not applied.
+        # SIGHUP does the same; a new sender count is applied by a new pipeline, and what
+        # only a restart can change is named, not applied.
         configure(msgs_per_s=300, reqs_per_s=40)
-        config.write_text(config.read_text().replace("senders = 2", "senders = 1"))
+        config.write_text(config.read_text().replace("senders = 2", "senders = 1")
+                          .replace('log_level = "info"', 'log_level = "debug"'))
         daemon.signal(signal.SIGHUP)
         wait_until(lambda: client.call(cmd="status")["accounts"]["main"]["msgs_per_s"] == 300,
                    10, "the reload on SIGHUP")
         reloaded = daemon.events("config_reloaded")[-1]
-        assert reloaded["restart_required"] == ["pipeline.senders"]
+        assert reloaded["rebuilt"] == ["pipeline.senders"]
+        assert reloaded["restart_required"] == ["daemon.log_level"]
+        wait_until(lambda: daemon.events("pipeline_rebuilt"), 30, "the new pipeline")
+        actors = client.call(cmd="status")["actors"]
+        assert "sender-0" in actors and "sender-1" not in actors
         assert client.call(cmd="status")["accounts"]["main"]["reqs_per_s"] == 40
         config.write_text("not toml [")
         daemon.signal(signal.SIGHUP)
@@ -524,3 +531,36 @@ def test_many_clients_at_once_do_not_slow_the_pipeline(tmp_path, database_url, f
                 thread.join(30)
     assert len(replies) > 50 and all(replies)
     assert crowded <= 2 * alone + 3, (alone, crowded)
+
+
+def test_reload_rebuilds_the_pipeline_without_losing_in_flight_work(tmp_path, database_url,
+                                                                    fake_provider):
+    """New capacities, senders and a new account, applied mid-campaign: the running pipeline
+    drains, a new one starts, and every message is sent exactly once."""
+    def configure(**pipeline: Any) -> Path:
+        return ctl_setup(tmp_path, database_url, fake_provider.url,
+                         pipeline={**SMALL_PIPELINE, **pipeline},
+                         accounts={"main": {"max_batch": 20, "msgs_per_s": 1000},
+                                   **({"extra": {"max_batch": 50}} if pipeline else {})})[0]
+
+    config, sock = configure(), tmp_path / "control.sock"
+    setup_database(config, {"acme": 100_000})
+    enqueue(config, tmp_path, "acme", numbers(6000))
+    with Daemon(config, tmp_path / "daemon.log").wait_ready() as daemon, Client(sock) as client:
+        wait_until(lambda: sent(database_url) >= 1000, 30, "sending")
+        configure(claim_capacity=3, batch_capacity=4, senders=3)
+        reply = client.call(cmd="reload")
+        assert reply["ok"] and reply["restart_required"] == []
+        assert {"pipeline.claim_capacity", "pipeline.batch_capacity", "pipeline.senders",
+                "accounts.extra"} <= set(reply["rebuilt"])
+        wait_until(lambda: daemon.events("pipeline_rebuilt"), 30, "the new pipeline")
+        status = client.call(cmd="status")
+        assert status["channels"]["claims"]["capacity"] == 3
+        assert status["channels"]["batches"]["capacity"] == 4
+        assert {"sender-0", "sender-1", "sender-2"} <= set(status["actors"])
+        assert "extra" in status["accounts"]
+        enqueue(config, tmp_path, "acme", numbers(500, start=50_000), "--account", "extra")
+        wait_until(lambda: status_counts(database_url) == {"sent": 6500}, 90, "everything sent")
+        assert daemon.process.poll() is None
+    assert fake_provider.stats()["duplicate_references"] == 0
+    assert scalar(database_url, "SELECT count(*) FROM sendd.submission") == 0

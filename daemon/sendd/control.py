@@ -27,7 +27,7 @@ from typing import Any
 import asyncpg
 import trio
 
-from sendd import campaigns
+from sendd import campaigns, leases
 from sendd.config import DEFAULTS_SOURCE, AccountConfig, Config, ConfigError, load_config
 from sendd.db import CONNECTION_ERRORS
 from sendd.errors import UserError
@@ -48,8 +48,11 @@ RECEIVE_SIZE = 16 * 1024
 
 SCOPES = ("all", "tenant", "campaign", "account")
 MAX_RATE = 1_000_000  # as for accounts.*.msgs_per_s in the configuration
-# Account settings a reload applies live; everything else changed needs a restart.
+# Account settings a reload applies live, at once.
 LIVE_ACCOUNT_KEYS = ("msgs_per_s", "reqs_per_s", "max_batch")
+# Settings a reload applies by draining the pipeline and starting a new one (in-flight work
+# finishes first). The rest (database, sockets, logging, the lease length) need a restart.
+REBUILDABLE = ("pipeline.", "retry.", "accounts.", "daemon.stop_timeout", "daemon.stall_seconds")
 
 
 # --- protocol: pure, no I/O ----------------------------------------------------------------
@@ -361,12 +364,35 @@ async def reload(runtime: Runtime, db: trio.CapacityLimiter | None = None,
     load = functools.partial(load_config, path, database_url=runtime.config.database.url)
     new = await trio.to_thread.run_sync(load)
     config, applied, pending = plan_reload(runtime.config, new)
+    rebuild = [key for key in pending if _rebuildable(key)]
+    restart = [key for key in pending if not _rebuildable(key)]
+    if rebuild:
+        target = rebuilt_config(runtime.config, new)
+        leases.check_runnable(target)  # refused before anything changes
+        runtime.next_config = target
+        runtime.rebuild.set()  # the daemon drains this pipeline and starts one with `target`
     runtime.config = config
     for name, account in config.accounts.items():
         runtime.governor.set_account(name, account.msgs_per_s, account.reqs_per_s)
-    runtime.log.info("config_reloaded", source=new.source, applied=applied,
-                     restart_required=pending)
-    return {"ok": True, "source": new.source, "applied": applied, "restart_required": pending}
+    runtime.log.info("config_reloaded", source=new.source, applied=applied, rebuilt=rebuild,
+                     restart_required=restart)
+    return {"ok": True, "source": new.source, "applied": applied, "rebuilt": rebuild,
+            "restart_required": restart}
+
+
+def _rebuildable(key: str) -> bool:
+    return key.startswith(REBUILDABLE) and key != "pipeline.lease_seconds"
+
+
+def rebuilt_config(running: Config, new: Config) -> Config:
+    """What the next pipeline runs with: the new pipeline, retry and accounts settings (and
+    the drain and stall times); what only a restart can change stays as it runs now."""
+    daemon = dataclasses.replace(running.daemon, stop_timeout=new.daemon.stop_timeout,
+                                 stall_seconds=new.daemon.stall_seconds)
+    pipeline = dataclasses.replace(new.pipeline,
+                                   lease_seconds=running.pipeline.lease_seconds)
+    return dataclasses.replace(running, daemon=daemon, pipeline=pipeline, retry=new.retry,
+                               accounts=new.accounts)
 
 
 async def reload_on_signal(runtime: Runtime) -> None:

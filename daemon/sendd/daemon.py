@@ -21,7 +21,7 @@ from sendd import leases, migrate
 from sendd.actors.batcher import run_batcher
 from sendd.actors.poller import run_poller
 from sendd.actors.reaper import run_heartbeat, run_reaper
-from sendd.actors.sender import LEASE_MARGIN, LeaseLost, run_sender
+from sendd.actors.sender import LeaseLost, run_sender
 from sendd.actors.settler import LOOKUP_CONCURRENCY, run_settler
 from sendd.actors.writer import run_writer
 from sendd.config import Config, mask_url
@@ -37,6 +37,8 @@ from sendd.supervisor import CrashLoop, Supervisor, first_leaf
 
 UNSETTLED_CAPACITY = 64
 STATUS_INTERVAL = 5.0  # seconds between STATUS= lines to systemd
+# Actors that run for the daemon's whole life, beside the (rebuildable) pipeline.
+SERVICE_ACTORS = ("heartbeat", "control", "http")
 
 
 async def run_daemon(config: Config, *, ready: trio.Event | None = None,
@@ -63,20 +65,8 @@ async def run_daemon(config: Config, *, ready: trio.Event | None = None,
             await pool_cm.__aexit__(None, None, None)
 
 
-def check_lease(config: Config) -> None:
-    """The lease must outlive any provider request started while it was valid: a request is
-    only started with timeout + margin of lease left, and a heartbeat leaves at least 2/3."""
-    longest = max(account.timeout for account in config.accounts.values())
-    needed = 1.5 * (longest + LEASE_MARGIN)
-    if config.pipeline.lease_seconds <= needed:
-        raise UserError(f"pipeline.lease_seconds: must be more than {needed:g} (1.5 x the longest "
-                        f"account timeout, {longest:g}s, plus {LEASE_MARGIN:g}s)")
-
-
 async def _start_runtime(config: Config, pool: Any) -> Runtime:
-    if not config.accounts:
-        raise UserError("no [accounts.NAME] configured: sendd has no provider to send to")
-    check_lease(config)
+    leases.check_runnable(config)
     async with pool.acquire() as conn:
         version = await migrate.schema_version(conn)
         newest = migrate.available_migrations()[-1][0]
@@ -117,15 +107,15 @@ async def _serve(runtime: Runtime, ready: trio.Event | None, drain: trio.Event) 
 
     try:
         async with trio.open_nursery() as nursery:
-            for name, actor in (("heartbeat", run_heartbeat), ("control", serve_control),
-                                ("http", serve_http)):  # http: /healthz /readyz /metrics
+            for name, actor in zip(SERVICE_ACTORS, (run_heartbeat, serve_control, serve_http),
+                                   strict=True):  # http: /healthz /readyz /metrics
                 await nursery.start(supervisor.supervise, name, actor, runtime)
-            runtime.actors += ["heartbeat", "control", "http"]
+            runtime.actors += list(SERVICE_ACTORS)
             nursery.start_soon(_watch_signals, runtime, drain)
             nursery.start_soon(_tell_systemd, runtime, notifier, drain)
             with trio.CancelScope() as pipeline_scope:
                 nursery.start_soon(_stop_after, runtime, drain, pipeline_scope)
-                await _run_pipeline(runtime, supervisor, drain, on_ready)
+                await _run_pipelines(runtime, supervisor, drain, on_ready)
             nursery.cancel_scope.cancel()
     except* (CrashLoop, LeaseLost) as group:
         runtime.log.error("daemon_failed", error=str(first_leaf(group)))
@@ -177,10 +167,53 @@ async def _watch_signals(runtime: Runtime, drain: trio.Event) -> None:
                 drain.set()
 
 
+async def _run_pipelines(runtime: Runtime, supervisor: Supervisor, drain: trio.Event,
+                         on_ready: Callable[[], None]) -> None:
+    """Run the pipeline until a drain. A reload that changes what only a new pipeline can take
+    (channel capacities, senders, accounts, retries) drains this one the same way — in-flight
+    work finishes and is written — then starts the next with the new configuration."""
+    while True:
+        stop_intake = trio.Event()
+        runtime.rebuild = trio.Event()
+        async with trio.open_nursery() as watchers:
+            for cause in (drain, runtime.rebuild):
+                watchers.start_soon(_relay, cause, stop_intake)
+            await _run_pipeline(runtime, supervisor, stop_intake, on_ready)
+            watchers.cancel_scope.cancel()
+        if drain.is_set():
+            return
+        await _apply_rebuild(runtime)
+
+
+async def _relay(cause: trio.Event, effect: trio.Event) -> None:
+    await cause.wait()
+    effect.set()
+
+
+async def _apply_rebuild(runtime: Runtime) -> None:
+    """Between two pipelines: put back the claims the stopped intake held, then switch the
+    configuration, providers and rate limits."""
+    async with runtime.pool.acquire() as conn:
+        released = await leases.release_unsubmitted(conn, runtime.instance_id)
+    old, new = runtime.config, runtime.next_config
+    connections = new.pipeline.senders + LOOKUP_CONCURRENCY
+    for name, account in new.accounts.items():
+        if old.accounts.get(name) != account or name not in runtime.providers:
+            if name in runtime.providers:
+                await runtime.providers[name].aclose()
+            runtime.providers[name] = open_provider(account, connections)
+        runtime.governor.set_account(name, account.msgs_per_s, account.reqs_per_s)
+    for name in set(runtime.providers) - set(new.accounts):
+        await runtime.providers.pop(name).aclose()
+    runtime.config = new
+    runtime.log.info("pipeline_rebuilt", released=released, accounts=sorted(new.accounts))
+
+
 async def _run_pipeline(runtime: Runtime, supervisor: Supervisor, drain: trio.Event,
                         on_ready: Callable[[], None]) -> None:
     """Start the actors tail first, report ready, and return once drained."""
     cfg = runtime.config.pipeline
+    runtime.actors = [a for a in runtime.actors if a in SERVICE_ACTORS]
     claims_send, claims_recv = trio.open_memory_channel(cfg.claim_capacity)
     batches_send, batches_recv = trio.open_memory_channel(cfg.batch_capacity)
     results_send, results_recv = trio.open_memory_channel(cfg.result_capacity)

@@ -13,6 +13,12 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from sendd.config import Config, ConfigError
+
+# A request is only started while the lease has at least this much life left beyond the
+# provider timeout, so a reaper can never take over work that is still on the wire.
+LEASE_MARGIN = 2.0
+
 REGISTER = """
 INSERT INTO sendd.instance (id, hostname, pid, lease_until)
 VALUES ($1, $2, $3, now() + make_interval(secs => $4))
@@ -136,3 +142,16 @@ async def adopted_marks(conn: Any, instance_id: str, handed: set[int]) -> list[A
 async def messages_of_mark(conn: Any, message_ids: list[int], instance_id: str) -> list[Any]:
     """The still-unsettled messages of an adopted mark."""
     return await conn.fetch(MESSAGES_OF_MARK, message_ids, instance_id)
+
+
+def check_runnable(config: Config) -> None:
+    """What a daemon (or a pipeline rebuilt by a reload) needs beyond each key's own checks:
+    an account, and a lease that outlives any request started while it was valid (a request
+    needs timeout + margin of lease left, and a heartbeat leaves at least 2/3 of it)."""
+    if not config.accounts:
+        raise ConfigError("no [accounts.NAME] configured: sendd has no provider to send to")
+    longest = max(account.timeout for account in config.accounts.values())
+    needed = 1.5 * (longest + LEASE_MARGIN)
+    if config.pipeline.lease_seconds <= needed:
+        raise ConfigError(f"pipeline.lease_seconds: must be more than {needed:g} (1.5 x the "
+                          f"longest account timeout, {longest:g}s, plus {LEASE_MARGIN:g}s)")

@@ -50,6 +50,9 @@ class Runtime:
     batch_cap: dict[str, int] = field(default_factory=dict)
     # Work in progress per actor (see `working`), to tell a wedged actor from an idle one.
     busy_since: dict[tuple[str, object], float] = field(default_factory=dict)
+    # A reload that needs a new pipeline sets `rebuild` after putting the config in `next_config`.
+    rebuild: trio.Event = field(default_factory=trio.Event)
+    next_config: Config | None = None
     # Recent trouble per actor (reason, trio time), for status and health.
     problems: dict[str, tuple[str, float]] = field(default_factory=dict)
     # Trio time until which this instance's lease surely lasts (kept by the heartbeat).

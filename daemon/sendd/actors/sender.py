@@ -12,6 +12,7 @@ import trio
 from sendd.backoff import retry_delay
 from sendd.config import RetryConfig
 from sendd.db import RETRYABLE_ERRORS
+from sendd.leases import LEASE_MARGIN
 from sendd.model import (
     FAILED,
     RELEASE,
@@ -26,10 +27,6 @@ from sendd.model import (
 )
 from sendd.providers import base
 from sendd.runtime import Runtime
-
-# The mark is only written while this daemon's lease has at least this much life left beyond
-# the provider timeout, so a reaper can never take over work that is still on the wire.
-LEASE_MARGIN = 2.0
 
 MARK_SUBMITTED = """
 INSERT INTO sendd.submission (instance_id, account, message_ids)
