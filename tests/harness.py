@@ -20,6 +20,8 @@ from typing import Any
 import asyncpg
 import httpx
 
+from sendd.pgserver import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 SENDD = [sys.executable, "-m", "sendd"]
 API_KEY = "test-key"
@@ -162,7 +164,9 @@ def write_config(path: Path, database_url: str, provider_url: str, *,
     """A config file for tests: one `main` mitto account at the fake provider by default."""
     sections: dict[str, dict[str, Any]] = {
         "database": {"url": database_url},
-        "daemon": {"log_level": "info", **(daemon or {})},
+        # Free ports and paths of the test's own: never the defaults (9464, /run/sendd).
+        "daemon": {"log_level": "info", "http_listen": f"127.0.0.1:{free_port()}",
+                   "control_socket": str(path.parent / "control.sock"), **(daemon or {})},
         "pipeline": {**TEST_PIPELINE, **(pipeline or {})},
         "retry": {**TEST_RETRY, **(retry or {})},
     }

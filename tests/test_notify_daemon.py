@@ -45,7 +45,7 @@ def test_ready_then_watchdog_and_status_then_stopping(tmp_path, database_url, fa
             assert daemon.wait(30) == 0
         lines += received(sock)
     assert lines[0] == "READY=1"
-    assert any(m.startswith("STATUS=") and "msgs/s" in m for m in lines)
+    assert any(m.startswith("STATUS=") and "msgs/s" in m and "backlog " in m for m in lines), lines
     assert "STOPPING=1" in lines
     assert lines.index("STOPPING=1") > max(i for i, m in enumerate(lines) if m == "WATCHDOG=1")
     assert os.path.exists(path)

@@ -139,8 +139,9 @@ async def _tell_systemd(runtime: Runtime, notifier: Notifier, drain: trio.Event)
         total = sum(runtime.outcomes.values())
         rate = (total - last_total) / max(now - last_time, 1e-6)
         last_total, last_time = total, now
+        backlog = "" if runtime.backlog is None else f"; backlog {runtime.backlog:,}"
         notifier.status(f"{rate:,.0f} msgs/s; sent {runtime.outcomes['sent']:,}, "
-                        f"failed {runtime.outcomes['failed']:,}")
+                        f"failed {runtime.outcomes['failed']:,}{backlog}")
         if runtime.lease_valid_until > now and not runtime.stalled() and not drain.is_set():
             notifier.watchdog()
     notifier.stopping()

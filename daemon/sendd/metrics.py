@@ -106,6 +106,7 @@ async def refresh_database_gauges(runtime: Runtime) -> None:
                     queued = await conn.fetchval(QUEUED)
                     leases = await conn.fetchval(ACTIVE_LEASES)
                 metrics.queued.set(queued)
+                runtime.backlog = queued
                 metrics.active_leases.set(leases)
             except RETRYABLE_ERRORS as error:
                 runtime.log.debug("metrics_refresh_failed", error=str(error))

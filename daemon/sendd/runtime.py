@@ -50,6 +50,8 @@ class Runtime:
     batch_cap: dict[str, int] = field(default_factory=dict)
     # Work in progress per actor (see `working`), to tell a wedged actor from an idle one.
     busy_since: dict[tuple[str, object], float] = field(default_factory=dict)
+    # Messages queued in the database, refreshed every few seconds (sendd.metrics), or None.
+    backlog: int | None = None
     # A reload that needs a new pipeline sets `rebuild` after putting the config in `next_config`.
     rebuild: trio.Event = field(default_factory=trio.Event)
     next_config: Config | None = None
