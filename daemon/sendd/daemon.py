@@ -24,9 +24,9 @@ from sendd.actors.reaper import run_heartbeat, run_reaper
 from sendd.actors.sender import LeaseLost, run_sender
 from sendd.actors.settler import LOOKUP_CONCURRENCY, run_settler
 from sendd.actors.writer import run_writer
-from sendd.config import Config, mask_url
+from sendd.config import Config
 from sendd.control import reload_on_signal, serve_control
-from sendd.db import CONNECTION_ERRORS
+from sendd.db import CONNECTION_ERRORS, unavailable
 from sendd.errors import UserError
 from sendd.http import serve_http
 from sendd.notify import Notifier, watchdog_interval
@@ -51,8 +51,7 @@ async def run_daemon(config: Config, *, ready: trio.Event | None = None,
                                      timeout=config.database.connect_timeout)
         pool = await pool_cm.__aenter__()
     except (*CONNECTION_ERRORS, TimeoutError) as error:
-        raise UserError(f"cannot connect to the database at {mask_url(config.database.url)}: "
-                        f"{error} (is PostgreSQL running? set database.url)") from None
+        raise unavailable(config.database.url, error) from None
     try:
         runtime = await _start_runtime(config, pool)
         try:

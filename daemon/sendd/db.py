@@ -66,7 +66,8 @@ def _sole_error(group: BaseExceptionGroup) -> BaseException:
     return error
 
 
-def _unavailable(url: str, error: BaseException) -> UserError:
+def unavailable(url: str, error: BaseException) -> UserError:
+    """The one-line error for a database that cannot be reached."""
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
     return UserError(
         f"cannot connect to the database at {mask_url(url)}: {reason} "
@@ -81,7 +82,7 @@ async def connect(url: str, timeout: float = 10.0) -> AsyncIterator[Any]:
         cm = triopg.connect(url, timeout=timeout)
         conn = await cm.__aenter__()
     except (*CONNECTION_ERRORS, asyncpg.PostgresError, TimeoutError) as error:
-        raise _unavailable(url, error) from None
+        raise unavailable(url, error) from None
     try:
         yield conn
     finally:
