@@ -156,6 +156,15 @@ def _toml_value(value: Any) -> str:
     return repr(value)
 
 
+_HTTP_PORTS: dict[Path, int] = {}
+
+
+def _http_port(config_path: Path) -> int:
+    """A free port per config file, kept when a test rewrites the file (a reload must not see
+    the HTTP address change)."""
+    return _HTTP_PORTS.setdefault(config_path, free_port())
+
+
 def write_config(path: Path, database_url: str, provider_url: str, *,
                  accounts: dict[str, dict[str, Any]] | None = None,
                  pipeline: dict[str, Any] | None = None,
@@ -165,7 +174,7 @@ def write_config(path: Path, database_url: str, provider_url: str, *,
     sections: dict[str, dict[str, Any]] = {
         "database": {"url": database_url},
         # Free ports and paths of the test's own: never the defaults (9464, /run/sendd).
-        "daemon": {"log_level": "info", "http_listen": f"127.0.0.1:{free_port()}",
+        "daemon": {"log_level": "info", "http_listen": f"127.0.0.1:{_http_port(path)}",
                    "control_socket": str(path.parent / "control.sock"), **(daemon or {})},
         "pipeline": {**TEST_PIPELINE, **(pipeline or {})},
         "retry": {**TEST_RETRY, **(retry or {})},
