@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -79,6 +80,23 @@ def assert_user_error(result: subprocess.CompletedProcess[str], *mentions: str) 
     for mention in mentions:
         assert mention in lines[0], lines[0]
     return lines[0]
+
+
+# --- timing and systemd ----------------------------------------------------------------------
+
+def busiest_window(grants: list[tuple[float, int]], window: float = 1.0) -> int:
+    """Most units in any half-open window [s, s + window); it suffices to start at grant times."""
+    return max((sum(n for t, n in grants if s <= t < s + window) for s, _ in grants), default=0)
+
+
+def received(sock: socket.socket) -> list[str]:
+    """Every notify message waiting on a non-blocking datagram socket (a fake NOTIFY_SOCKET)."""
+    messages = []
+    while True:
+        try:
+            messages.append(sock.recv(4096).decode())
+        except BlockingIOError:
+            return messages
 
 
 # --- database -------------------------------------------------------------------------------

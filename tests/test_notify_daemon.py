@@ -8,20 +8,12 @@ from harness import (
     Daemon,
     enqueue,
     numbers,
+    received,
     setup_database,
     status_counts,
     wait_until,
     write_config,
 )
-
-
-def received(sock: socket.socket) -> list[str]:
-    messages = []
-    while True:
-        try:
-            messages.append(sock.recv(4096).decode())
-        except BlockingIOError:
-            return messages
 
 
 def test_ready_then_watchdog_and_status_then_stopping(tmp_path, database_url, fake_provider):

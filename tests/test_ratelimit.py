@@ -7,6 +7,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from harness import busiest_window
 from sendd.ratelimit import UNLIMITED_BATCH, Governor, WindowLimit
 
 
@@ -16,13 +17,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def busiest_window(grants: list[tuple[float, int]], window: float) -> int:
-    """Most units in any half-open window [s, s + window); it suffices to start at grant times."""
-    return max(
-        (sum(n for t, n in grants if s <= t < s + window) for s, _ in grants), default=0
-    )
 
 
 # ---------------------------------------------------------------- WindowLimit, examples

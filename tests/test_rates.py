@@ -8,6 +8,7 @@ it with the next, so one batch of slack is allowed there and nothing more.
 from harness import (
     API_KEY,
     Daemon,
+    busiest_window,
     enqueue,
     numbers,
     sendd,
@@ -16,11 +17,6 @@ from harness import (
     wait_until,
     write_config,
 )
-
-
-def busiest_second(grants: list[tuple[float, int]]) -> int:
-    """Most units in any half-open window [s, s + 1); it suffices to start at grant times."""
-    return max((sum(n for t, n in grants if s <= t < s + 1.0) for s, _ in grants), default=0)
 
 
 def requests_sent(daemon: Daemon, tenant: str | None = None) -> list[tuple[float, int]]:
@@ -38,10 +34,10 @@ def test_account_message_and_request_limits_hold(tmp_path, database_url, fake_pr
         wait_until(lambda: status_counts(database_url).get("sent") == 4000, 60, "all sent")
     sent = requests_sent(daemon)
     assert sum(n for _, n in sent) == 4000
-    assert busiest_second(sent) <= 1000
-    assert busiest_second([(t, 1) for t, _ in sent]) <= 8
+    assert busiest_window(sent) <= 1000
+    assert busiest_window([(t, 1) for t, _ in sent]) <= 8
     # The limit is used, not starved: 200-message batches at 8 requests/s allow 1,000/s.
-    assert busiest_second(sent) >= 800
+    assert busiest_window(sent) >= 800
     stats = fake_provider.stats()
     assert stats["max_msgs_per_1s"][API_KEY] <= 1000 + 200
     assert stats["max_reqs_per_1s"][API_KEY] <= 8 + 1
@@ -56,7 +52,7 @@ def test_tenant_limit_holds_beside_an_unlimited_tenant(tmp_path, database_url, f
     enqueue(config, tmp_path, "fast", numbers(3000, start=5000), "--sender", "FAST")
     with Daemon(config, tmp_path / "daemon.log").wait_ready() as daemon:
         wait_until(lambda: status_counts(database_url).get("sent") == 4500, 60, "all sent")
-    assert 200 <= busiest_second(requests_sent(daemon, "slow")) <= 300
-    assert busiest_second(requests_sent(daemon, "fast")) > 300  # not held back by the slow one
+    assert 200 <= busiest_window(requests_sent(daemon, "slow")) <= 300
+    assert busiest_window(requests_sent(daemon, "fast")) > 300  # not held back by the slow one
     peaks = fake_provider.stats()["max_msgs_per_1s_by_sender"]
     assert peaks["SLOW"] <= 300 + 100

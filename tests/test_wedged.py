@@ -17,6 +17,7 @@ from harness import (
     Daemon,
     enqueue,
     numbers,
+    received,
     setup_database,
     status_counts,
     wait_until,
@@ -25,15 +26,6 @@ from harness import (
 from sendd.pgserver import free_port
 
 STALL_SECONDS = 2.0
-
-
-def received(sock: socket.socket) -> list[str]:
-    messages = []
-    while True:
-        try:
-            messages.append(sock.recv(4096).decode())
-        except BlockingIOError:
-            return messages
 
 
 async def hold_lock(database_url: str, locked: asyncio.Event, release: asyncio.Event) -> None:

@@ -15,6 +15,7 @@ import trio
 import trio_asyncio
 import triopg
 
+from sendd.backoff import retry_delay
 from sendd.config import mask_url
 from sendd.errors import UserError
 
@@ -98,8 +99,6 @@ async def keep_connected(runtime: Any, actor: str,
     """Run `session(conn)` on a pooled connection until it returns. When the database goes
     away (a restart, dropped connections) wait with backoff and start the session again on a
     fresh connection, so an outage delays the actor instead of crashing it."""
-    from sendd.backoff import retry_delay  # here: backoff is pure logic, db is I/O
-
     failures = 0
     while True:
         started = trio.current_time()
