@@ -102,3 +102,25 @@ def test_batches_are_exact_ordered_bounded_and_on_time(ops: list) -> None:
     for key in KEYS:
         per_key = [item for k, batch in out if k == key for item in batch]
         assert per_key == sorted(per_key)  # order kept within a key
+
+
+GROUPS = st.lists(st.tuples(st.sampled_from(KEYS), st.integers(0, 9), st.integers(1, 6)),
+                  max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(GROUPS)
+def test_add_many_batches_like_adding_one_by_one(groups: list) -> None:
+    sizes = dict.fromkeys(KEYS, 4)
+    one_by_one: BatchBuilder[str, int] = BatchBuilder(sizes.__getitem__, LINGER)
+    together: BatchBuilder[str, int] = BatchBuilder(sizes.__getitem__, LINGER)
+    next_item = 0
+    for step, (key, count, size) in enumerate(groups):
+        sizes[key] = size  # sizes change between calls, as a live reload can
+        items = list(range(next_item, next_item + count))
+        next_item += count
+        expected = [batch for item in items for batch in one_by_one.add(key, item, step)]
+        assert together.add_many(key, items, step) == expected
+        assert len(together) == len(one_by_one)
+        assert together.next_deadline() == one_by_one.next_deadline()
+    assert sorted(together.drain()) == sorted(one_by_one.drain())  # key order may differ

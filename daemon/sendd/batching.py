@@ -35,10 +35,17 @@ class BatchBuilder(Generic[K, T]):
 
     def add(self, key: K, item: T, now: float) -> list[tuple[K, list[T]]]:
         """Queue an item; returns the batches of ``key`` that are now full."""
+        return self.add_many(key, [item], now)
+
+    def add_many(self, key: K, items: list[T], now: float) -> list[tuple[K, list[T]]]:
+        """Queue items that arrived together; the same batches as adding them one by one, with
+        the per-key work done once per call instead of once per item."""
+        if not items:
+            return []
         pending = self._pending.setdefault(key, _Pending())
-        pending.items.append(item)
-        pending.added.append(now)
-        self._count += 1
+        pending.items += items
+        pending.added += [now] * len(items)
+        self._count += len(items)
         return self._take_full(key)
 
     def due(self, now: float) -> list[tuple[K, list[T]]]:

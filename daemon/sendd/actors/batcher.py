@@ -7,11 +7,26 @@ Batches are single-tenant so each one is charged against one tenant's rate limit
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import trio
 
 from sendd.batching import BatchBuilder
 from sendd.model import Batch, Message
 from sendd.runtime import Runtime
+
+
+def group_by_destination(messages: Iterable[Message]) -> dict[tuple[str, str], list[Message]]:
+    """Messages by (account, tenant), each group in claim order."""
+    groups: dict[tuple[str, str], list[Message]] = {}
+    for message in messages:
+        key = (message.account, message.tenant_id)
+        group = groups.get(key)
+        if group is None:
+            groups[key] = [message]
+        else:
+            group.append(message)
+    return groups
 
 
 async def run_batcher(
@@ -44,8 +59,8 @@ async def run_batcher(
                     await emit(builder.drain())
                     return
             now = trio.current_time()
-            for message in chunk or ():
-                await emit(builder.add((message.account, message.tenant_id), message, now))
+            for key, messages in group_by_destination(chunk or ()).items():
+                await emit(builder.add_many(key, messages, now))
             await emit(builder.due(now))
             if len(builder) >= hold_limit:
                 await emit(builder.drain())

@@ -33,13 +33,25 @@ WHERE t.active AND NOT (t.id = ANY($1::text[])) AND EXISTS (
     WHERE m.tenant_id = t.id AND m.campaign_id IS NULL AND m.status = 'queued')
 """
 
-# Lock the tenants (in id order: the writer's trigger locks them in the same order) and read
-# what each can still pay for: credits minus the segments of messages in flight.
+# Claimers of the same tenant take turns (in tenant id order, so they cannot deadlock): two
+# daemons reading the same budget at once could both spend it. An advisory lock, not a row
+# lock on the tenant, because the writer's trigger locks that row for every flush and must
+# not wait for a claim in progress. Volatile calls are evaluated after the sort.
+CLAIM_LOCK_SPACE = 0x434C4149  # "CLAI": the first key of the claim locks (two-key form)
+LOCK_TENANTS = """
+SELECT pg_advisory_xact_lock($2::int, hashtext(t.id))
+FROM unnest($1::text[]) AS t(id) ORDER BY t.id
+"""
+
+# What each tenant can still pay for: credits minus the segments of messages in flight. Read
+# in its own statement after the lock, so its snapshot includes the previous claimer's commit;
+# credits and in-flight rows change together in every writer commit, so their difference is
+# consistent in any one snapshot.
 TENANT_BUDGETS = """
 SELECT t.id, t.credits - coalesce((
     SELECT sum(m.segments) FROM sendd.message m
     WHERE m.tenant_id = t.id AND m.status IN ('sending', 'unknown')), 0) AS budget
-FROM sendd.tenant t WHERE t.id = ANY($1::text[]) ORDER BY t.id FOR UPDATE
+FROM sendd.tenant t WHERE t.id = ANY($1::text[]) ORDER BY t.id
 """
 
 CLAIM = """
@@ -123,6 +135,7 @@ async def claim_due(conn: Any, runtime: Runtime) -> Claim:
         tenants = sorted({r["tenant_id"] for r in campaigns} | set(urgent_tenants))
         if not tenants or not accounts:
             return Claim([], {})
+        await conn.execute(LOCK_TENANTS, tenants, CLAIM_LOCK_SPACE)
         budgets = {r["id"]: r["budget"] for r in await conn.fetch(TENANT_BUDGETS, tenants)}
         per_campaign = math.ceil(chunk / max(1, len(campaigns)))
         rows = await conn.fetch(

@@ -53,7 +53,9 @@ class MittoProvider:
         response = await self._post(BULK_PATH, body)
         if isinstance(response, SendResponse):
             return response
-        payload = response.json()
+        payload = _payload(response)
+        if payload is None:
+            return _unreadable()
         results = [_message_result(e) for e in payload.get("messages", [])]
         return SendResponse(OK, bulk_id=payload.get("bulkId"), results=results)
 
@@ -61,7 +63,10 @@ class MittoProvider:
         response = await self._post(SINGLE_PATH, _entry(message))
         if isinstance(response, SendResponse):
             return response
-        return SendResponse(OK, results=[_message_result(response.json())])
+        payload = _payload(response)
+        if payload is None:
+            return _unreadable()
+        return SendResponse(OK, results=[_message_result(payload)])
 
     async def _post(self, path: str, body: dict[str, Any]) -> httpx.Response | SendResponse:
         """The 200 response, or the whole request's outcome classified."""
@@ -85,8 +90,24 @@ class MittoProvider:
             return LookupResult(False)
         if response.status_code != 200:
             return LookupResult(None, error=f"lookup failed: HTTP {response.status_code}")
-        payload = response.json()
+        payload = _payload(response)
+        if payload is None:
+            return LookupResult(None, error="lookup failed: unreadable answer")
         return LookupResult(True, message_id=payload.get("messageId"), status=payload.get("status"))
+
+
+def _payload(response: httpx.Response) -> dict[str, Any] | None:
+    """A 200 answer's JSON object (orjson: a 1,000-message answer is on the hot path)."""
+    try:
+        payload = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def _unreadable() -> SendResponse:
+    # The request went through but the answer cannot be read: it may have been sent.
+    return SendResponse(AMBIGUOUS, error="the provider's 200 answer was not a JSON object")
 
 
 def _entry(message: Message) -> dict[str, str]:
