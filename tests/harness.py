@@ -145,6 +145,10 @@ class FakeProvider:
     def references(self) -> Any:
         return httpx.get(f"{self.url}/_references", timeout=30).json()
 
+    def accepted_at(self, references: list[str]) -> dict[str, float | None]:
+        """When the fake first accepted each reference (Unix time), None if never."""
+        return httpx.post(f"{self.url}/_accepted_at", json=references, timeout=30).json()
+
     def control(self, **settings: Any) -> None:
         httpx.post(f"{self.url}/_control", json=settings, timeout=10).raise_for_status()
 

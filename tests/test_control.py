@@ -216,10 +216,10 @@ def test_status_reports_the_running_daemon(tmp_path, database_url, fake_provider
         assert status["ok"] and status["instance_id"] and status["uptime_s"] > 0
         assert status["draining"] is False and status["config"] == str(config)
         assert {"heartbeat", "control", "writer", "settler", "sender-0", "sender-3", "batcher",
-                "poller", "reaper"} <= set(status["actors"])
+                "poller", "reaper", "express", "express-sender-1"} <= set(status["actors"])
         assert all(actor["restarts"] == 0 for actor in status["actors"].values())
         assert {name: c["capacity"] for name, c in status["channels"].items()} == {
-            "claims": 4, "batches": 8, "results": 64, "unsettled": 64}
+            "claims": 4, "batches": 8, "results": 64, "unsettled": 64, "express": 4}
         assert status["accounts"]["main"] == {
             "msgs_per_s": 500, "reqs_per_s": 20, "configured_msgs_per_s": 500,
             "configured_reqs_per_s": 20, "max_batch": 1000, "paused": False, "suspended": None}

@@ -120,6 +120,18 @@ def test_rejects_by_prefix(fake: httpx.Client) -> None:
     assert fake.get(MESSAGES, params={"reference": "m-1"}).status_code == 404
 
 
+def test_accepted_at_tells_when_each_reference_was_first_accepted(fake: httpx.Client) -> None:
+    before = time.time()
+    fake.post(BULK, json=batch(range(2)))
+    middle = time.time()
+    fake.post(BULK, json=batch(range(1, 3)))  # m-1 again: its first acceptance counts
+    after = time.time()
+    times = fake.post("/_accepted_at", json=["m-0", "m-1", "m-2", "never"]).json()
+    assert before <= times["m-0"] == times["m-1"] <= middle <= times["m-2"] <= after
+    assert times["never"] is None
+    assert fake.post("/_accepted_at", content=b"{}").status_code == 400
+
+
 def test_single_send(fake: httpx.Client) -> None:
     ok = fake.post(SEND, json=entry(1)).json()
     assert ok["status"] == "accepted" and ok["reference"] == "m-1"

@@ -72,7 +72,7 @@ def test_health_ready_metrics_and_limits(tmp_path: Path, database_url: str,
         assert batches[0].value == 2000
         capacity = {s.labels["channel"]: s.value
                     for s in samples(base, "sendd_channel_capacity")}
-        assert set(capacity) == {"claims", "batches", "results", "unsettled"}
+        assert set(capacity) == {"claims", "batches", "results", "unsettled", "express"}
         wait_until(lambda: samples(base, "sendd_active_leases")[0].value == 1, 15,
                    "the lease gauge to be refreshed")
 

@@ -1,6 +1,7 @@
 """`sendd run`: wires the actors together and runs them until drained.
 
     poller ─[claims]─► batcher ─[batches]─► sender × N ─[results]─► writer
+    express poller ─[express]─► express sender × 2 ─┤   (transactional messages)
       reaper ─[unsettled]─► settler ─[results]─┘   (senders hand ambiguous batches to the settler)
 
 Shutdown is layered: a drain cancels only the intake (poller, reaper); everything downstream
@@ -19,6 +20,7 @@ import triopg
 
 from sendd import leases, migrate
 from sendd.actors.batcher import run_batcher
+from sendd.actors.express import EXPRESS_CAPACITY, EXPRESS_SENDERS, run_express_poller
 from sendd.actors.poller import run_poller
 from sendd.actors.reaper import run_heartbeat, run_reaper
 from sendd.actors.sender import LeaseLost, run_sender
@@ -45,7 +47,7 @@ async def run_daemon(config: Config, *, ready: trio.Event | None = None,
                      drain: trio.Event | None = None) -> int:
     """Run until SIGTERM/SIGINT (or `drain` is set); returns the process exit code."""
     pipeline = config.pipeline
-    pool_size = max(config.database.pool_size, pipeline.senders + 6)
+    pool_size = max(config.database.pool_size, pipeline.senders + EXPRESS_SENDERS + 7)
     try:
         pool_cm = triopg.create_pool(config.database.url, min_size=2, max_size=pool_size,
                                      timeout=config.database.connect_timeout)
@@ -79,7 +81,7 @@ async def _start_runtime(config: Config, pool: Any) -> Runtime:
     for account in config.accounts.values():
         governor.set_account(account.name, account.msgs_per_s, account.reqs_per_s)
     # Connections per provider: one per sender plus the settler's concurrent lookups.
-    connections = config.pipeline.senders + LOOKUP_CONCURRENCY
+    connections = config.pipeline.senders + EXPRESS_SENDERS + LOOKUP_CONCURRENCY
     providers = {name: open_provider(account, connections)
                  for name, account in config.accounts.items()}
     runtime = Runtime(config, instance_id, pool, governor, providers,
@@ -196,7 +198,7 @@ async def _apply_rebuild(runtime: Runtime) -> None:
     async with runtime.pool.acquire() as conn:
         released = await leases.release_unsubmitted(conn, runtime.instance_id)
     old, new = runtime.config, runtime.next_config
-    connections = new.pipeline.senders + LOOKUP_CONCURRENCY
+    connections = new.pipeline.senders + EXPRESS_SENDERS + LOOKUP_CONCURRENCY
     for name, account in new.accounts.items():
         if old.accounts.get(name) != account or name not in runtime.providers:
             if name in runtime.providers:
@@ -218,9 +220,11 @@ async def _run_pipeline(runtime: Runtime, supervisor: Supervisor, drain: trio.Ev
     batches_send, batches_recv = trio.open_memory_channel(cfg.batch_capacity)
     results_send, results_recv = trio.open_memory_channel(cfg.result_capacity)
     unsettled_send, unsettled_recv = trio.open_memory_channel(UNSETTLED_CAPACITY)
+    express_send, express_recv = trio.open_memory_channel(EXPRESS_CAPACITY)
     # For status (control socket): statistics() of either end reads the shared buffer.
     runtime.channels = {"claims": claims_recv, "batches": batches_send,
-                        "results": results_recv, "unsettled": unsettled_recv}
+                        "results": results_recv, "unsettled": unsettled_recv,
+                        "express": express_recv}
 
     def start(nursery: trio.Nursery, name: str, actor: Any, *channels: Any) -> Any:
         runtime.actors.append(name)
@@ -233,12 +237,17 @@ async def _run_pipeline(runtime: Runtime, supervisor: Supervisor, drain: trio.Ev
         for number in range(cfg.senders):
             await start(tail, f"sender-{number}", run_sender, batches_recv.clone(),
                         results_send.clone(), unsettled_send.clone())
+        for number in range(EXPRESS_SENDERS):
+            await start(tail, f"express-sender-{number}", run_sender, express_recv.clone(),
+                        results_send.clone(), unsettled_send.clone())
         await start(tail, "batcher", run_batcher, claims_recv, batches_send)
         # Only the clones handed out keep these open now, so the ends propagate downstream.
         await batches_recv.aclose()
+        await express_recv.aclose()
         await results_send.aclose()
         async with trio.open_nursery() as intake:
             await start(intake, "poller", run_poller, claims_send)
+            await start(intake, "express", run_express_poller, express_send)
             await start(intake, "reaper", run_reaper, unsettled_send)
             on_ready()
             await drain.wait()

@@ -8,7 +8,8 @@ requests per CPU-second and ~80% of the 1000-message bulk requests.
 Behaviour is driven by `FakeSettings`. The provider reads the settings object live, so an
 in-process caller may mutate it; over HTTP, `POST /_control` takes a JSON object of the same
 field names. Test endpoints (no auth, not counted in the stats):
-`GET /_stats`, `POST /_reset`, `GET /_references`, `GET|POST /_control`.
+`GET /_stats`, `POST /_reset`, `GET /_references`, `GET|POST /_control`, and
+`POST /_accepted_at` (a JSON list of references -> when each was first accepted, Unix time).
 
 Decision order for a send request: auth (401), `status_override`, malformed (400), over
 `max_batch` (413), random 429, random 503, then per-message processing; a random `hang_rate`
@@ -353,6 +354,8 @@ class FakeProvider:
             return _json(200, {"ok": True})
         if method == b"GET" and path == "/_references":
             return _json(200, self.references())
+        if method == b"POST" and path == "/_accepted_at":
+            return self._accepted_at(body)
         if path == "/_control" and method in (b"GET", b"POST"):
             return self._control(body if method == b"POST" else b"{}")
         return _error(404, "not found")
@@ -373,6 +376,20 @@ class FakeProvider:
         """Every accepted reference with how many times it was sent, first acceptance first."""
         dups = self.dup_counts
         return [{"reference": r, "count": dups.get(r, 1)} for r in self.records]
+
+    def accepted_at(self, reference: str) -> float | None:
+        """When the request that first carried `reference` arrived (benchmarks: latency)."""
+        locator = self.records.get(reference)
+        return None if locator is None else self.bulks[locator >> _INDEX_BITS][0]
+
+    def _accepted_at(self, body: bytes) -> Reply:
+        try:
+            references = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            references = None
+        if not isinstance(references, list) or not all(isinstance(r, str) for r in references):
+            return _error(400, "expected a JSON list of references (strings)")
+        return _json(200, {r: self.accepted_at(r) for r in references})
 
     def _control(self, body: bytes) -> Reply:
         try:

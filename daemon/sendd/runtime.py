@@ -61,6 +61,7 @@ class Runtime:
     lease_valid_until: float = 0.0
     # Set to wake the poller early (new work was queued, a pause was lifted).
     wakeup: trio.Event = field(default_factory=trio.Event)
+    express_wakeup: trio.Event = field(default_factory=trio.Event)  # the express poller's
     # --- read by the control socket (sendd.control); daemon.py fills these in -------------
     # Operator pause of everything: the poller claims nothing while it is set.
     paused_all: bool = False
@@ -104,6 +105,7 @@ class Runtime:
 
     def wake_poller(self) -> None:
         self.wakeup.set()
+        self.express_wakeup.set()
 
     @contextmanager
     def working(self, actor: str) -> Iterator[None]:

@@ -122,24 +122,27 @@ class Claim:
     unserved: dict[str, int]  # tenant -> budget, for tenants that got nothing this time
 
 
-async def claim_due(conn: Any, runtime: Runtime) -> Claim:
-    """One claim transaction: up to about `claim_chunk` messages, fairly shared."""
+async def claim_due(conn: Any, runtime: Runtime, *, campaigns: bool = True,
+                    transactional: bool = True) -> Claim:
+    """One claim transaction: up to about `claim_chunk` messages, fairly shared, from campaigns,
+    transactional messages (first), or both."""
     if runtime.paused_all:  # operator pause (control socket): claim nothing until resumed
         return Claim([], {})
     chunk = runtime.config.pipeline.claim_chunk
     accounts = [a for a in runtime.config.accounts if a not in runtime.excluded_accounts()]
     paused = sorted(runtime.paused_tenants)
     async with conn.transaction():
-        campaigns = await conn.fetch(ACTIVE_CAMPAIGNS, paused)
-        urgent_tenants = [r["id"] for r in await conn.fetch(TRANSACTIONAL_TENANTS, paused)]
-        tenants = sorted({r["tenant_id"] for r in campaigns} | set(urgent_tenants))
+        campaign_rows = await conn.fetch(ACTIVE_CAMPAIGNS, paused) if campaigns else []
+        urgent_tenants = ([r["id"] for r in await conn.fetch(TRANSACTIONAL_TENANTS, paused)]
+                          if transactional else [])
+        tenants = sorted({r["tenant_id"] for r in campaign_rows} | set(urgent_tenants))
         if not tenants or not accounts:
             return Claim([], {})
         await conn.execute(LOCK_TENANTS, tenants, CLAIM_LOCK_SPACE)
         budgets = {r["id"]: r["budget"] for r in await conn.fetch(TENANT_BUDGETS, tenants)}
-        per_campaign = math.ceil(chunk / max(1, len(campaigns)))
+        per_campaign = math.ceil(chunk / max(1, len(campaign_rows)))
         rows = await conn.fetch(
-            CLAIM, list(budgets), list(budgets.values()), [r["id"] for r in campaigns],
+            CLAIM, list(budgets), list(budgets.values()), [r["id"] for r in campaign_rows],
             per_campaign, urgent_tenants, accounts, chunk, runtime.instance_id,
         )
     messages = [Message(*row) for row in rows]
@@ -206,7 +209,8 @@ async def _claim_forever(runtime: Runtime, conn: Any, claims: trio.MemorySendCha
                 await housekeep(conn, runtime)
                 next_housekeeping = trio.current_time() + HOUSEKEEPING_INTERVAL
             runtime.wakeup = trio.Event()
-            claim = await claim_due(conn, runtime)
+            # Transactional messages take the express lane (sendd.actors.express).
+            claim = await claim_due(conn, runtime, transactional=False)
             if housekeeping and claim.unserved:
                 await pause_starved(conn, runtime, claim.unserved)
         if claim.messages:

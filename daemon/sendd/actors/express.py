@@ -1,0 +1,60 @@
+"""The express lane: transactional messages (no campaign) skip the campaign pipeline's queues.
+
+The campaign pipeline is built to be full: at full speed its channels hold thousands of claimed
+messages, and a one-time password claimed behind them would wait for all of them. The express
+poller claims only transactional messages, as soon as a NOTIFY says one was queued, and hands
+them, batched per account and tenant with no linger, to express senders of their own. From
+there they share the writer (their outcomes need no hurry once accepted). Claims take the same
+tenant budget lock as the campaign poller, so credits are never overspent between the lanes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from sendd.actors.batcher import group_by_destination
+from sendd.actors.poller import claim_due
+from sendd.db import keep_connected
+from sendd.model import Batch
+from sendd.runtime import Runtime
+
+EXPRESS_SENDERS = 2  # concurrent express requests: transactional traffic is a trickle
+EXPRESS_CAPACITY = 4  # batches, express poller -> express senders
+
+
+async def run_express_poller(
+    runtime: Runtime,
+    batches: trio.MemorySendChannel[Batch],
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Claim transactional messages until cancelled; closes `batches` when done. Woken by the
+    campaign poller's NOTIFY listener (Runtime.wake_poller), with the poll interval as a floor."""
+    interval = runtime.config.pipeline.poll_interval
+
+    async def session(conn: Any) -> None:
+        nonlocal task_status
+        task_status.started()
+        task_status = trio.TASK_STATUS_IGNORED  # ready once, not on every reconnect
+        while True:
+            with runtime.working("express"):
+                runtime.express_wakeup = trio.Event()
+                claim = await claim_due(conn, runtime, campaigns=False)
+            for batch in express_batches(runtime, claim.messages):
+                await batches.send(batch)
+            if not claim.messages:
+                with trio.move_on_after(interval):
+                    await runtime.express_wakeup.wait()
+
+    async with batches:
+        await keep_connected(runtime, "express", session)
+
+
+def express_batches(runtime: Runtime, messages: list) -> list[Batch]:
+    """Claimed messages as provider batches: per account and tenant, at most max_batch each."""
+    batches = []
+    for (account, tenant), group in group_by_destination(messages).items():
+        size = runtime.max_batch(account, tenant)
+        batches += [Batch(account, tenant, group[i:i + size]) for i in range(0, len(group), size)]
+    return batches
