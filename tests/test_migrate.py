@@ -13,15 +13,17 @@ def test_migrate_applies_once_then_nothing(tmp_path, database_url):
     first = subprocess.run([*SENDD, "--config", str(config), "migrate"], capture_output=True,
                            text=True, env=env(), timeout=120)
     assert first.returncode == 0, first.stderr
-    assert json.loads(first.stdout) == {"applied": ["0001_schema"], "version": 1}
+    applied = ["0001_schema", "0002_drop_message_campaign_index"]
+    assert json.loads(first.stdout) == {"applied": applied, "version": 2}
 
     second = subprocess.run([*SENDD, "--config", str(config), "migrate"], capture_output=True,
                             text=True, env=env(), timeout=120)
     assert second.returncode == 0, second.stderr
-    assert json.loads(second.stdout) == {"applied": [], "version": 1}
+    assert json.loads(second.stdout) == {"applied": [], "version": 2}
 
     rows = query(database_url, "SELECT version, name FROM sendd.schema_migration")
-    assert [(r["version"], r["name"]) for r in rows] == [(1, "schema")]
+    assert [(r["version"], r["name"]) for r in rows] == [(1, "schema"),
+                                                         (2, "drop_message_campaign_index")]
     for table in ("tenant", "campaign", "message", "credit_ledger"):
         assert scalar(database_url, "SELECT to_regclass($1) IS NOT NULL", f"sendd.{table}")
 
@@ -39,7 +41,7 @@ def test_two_concurrent_migrates_both_succeed_and_apply_once(tmp_path, database_
         assert process.returncode == 0, stderr
         assert "Traceback" not in stdout + stderr
     applied = sorted(json.loads(stdout)["applied"] for stdout, _ in outputs)
-    assert applied == [[], ["0001_schema"]]
+    assert applied == [[], ["0001_schema", "0002_drop_message_campaign_index"]]
 
     rows = query(database_url, "SELECT version FROM sendd.schema_migration")
-    assert [r["version"] for r in rows] == [1]
+    assert [r["version"] for r in rows] == [1, 2]
