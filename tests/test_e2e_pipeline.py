@@ -381,3 +381,33 @@ def test_single_message_mode_sends_one_request_per_message(tmp_path: Path, datab
     assert scalar(database_url, "SELECT count(*) FROM sendd.message "
                                 "WHERE provider_message_id IS NULL") == 0
     assert_billing(database_url, "acme", 1_000, 300)
+
+
+def test_single_message_batches_go_out_as_concurrent_requests_under_one_mark(
+        tmp_path: Path, database_url: str):
+    """A single-message account sends a batch as one request per message, all at once, with one
+    submission mark for the batch; errors are per message and the request limit holds."""
+    total, rejected = 2000, 20
+    with FakeProvider("--seed", "3", "--error-429-rate", "0.005", "--retry-after", "1",
+                      "--error-503-rate", "0.05", "--latency-ms", "20",
+                      "--reject-prefix", REJECT_PREFIX) as provider:
+        config = write_config(tmp_path / "sendd.toml", database_url, provider.url,
+                              accounts={"main": {"single": True, "max_batch": 50,
+                                                 "reqs_per_s": 400}},
+                              retry={"max_attempts": 10})
+        setup_database(config, {"acme": 10_000})
+        recipients = numbers(total - rejected) + numbers(rejected, start=REJECT_START)
+        campaign_id = enqueue(config, tmp_path, "acme", recipients)["campaign_id"]
+        with Daemon(config, tmp_path / "daemon.log").wait_ready() as daemon:
+            wait_campaign(database_url, campaign_id, "completed", 60)
+            sent_batches = daemon.events("batch_sent")
+        stats = provider.stats()
+
+    assert stats["responses"].get("429", 0) > 0 and stats["responses"].get("503", 0) > 0
+    assert stats["send_requests"] == sum(stats["responses"].values())  # one message each
+    assert stats["accepted"] == total - rejected and stats["duplicate_references"] == 0
+    assert status_counts(database_url, campaign_id) == {"sent": total - rejected,
+                                                        "failed": rejected}
+    assert max(e["size"] for e in sent_batches) == 50  # 50 requests under one mark
+    assert max(stats["max_reqs_per_1s"].values()) <= 400
+    assert_billing(database_url, "acme", 10_000, total - rejected)

@@ -29,6 +29,9 @@ async def _send_one(body: bytes, *, single: bool = False) -> base.SendResponse:
         provider = MittoProvider(account, connections=1)
         message = Message(7, "t", 1, "main", None, "+306900000001", "hi", 1, 0)
         try:
+            if single:
+                [response] = await provider.send_each([message])
+                return response
             return await provider.send([message])
         finally:
             await provider.aclose()

@@ -174,33 +174,39 @@ class Governor:
         else:
             log.set_limit(msgs_per_s)
 
-    def max_batch(self, account: str, tenant: str) -> int:
-        """Largest unit count one grant can take now: the smallest message limit that applies."""
-        limits = [self._accounts[account].msg_log.limit, self._tenant_log(tenant).limit]
+    def max_batch(self, account: str, tenant: str, single: bool = False) -> int:
+        """Largest unit count one grant can take now: the smallest message limit that applies
+        (and the request limit, when every message is its own request)."""
+        entry = self._accounts[account]
+        limits = [entry.msg_log.limit, self._tenant_log(tenant).limit]
+        if single:
+            limits.append(entry.req_log.limit)
         positive = [limit for limit in limits if limit > 0]
         return min(positive) if positive else UNLIMITED_BATCH
 
-    def reserve(self, account: str, tenant: str, units: int) -> float:
-        """Grant ``units`` messages in one request; returns the time the request may go out.
+    def reserve(self, account: str, tenant: str, units: int, requests: int = 1) -> float:
+        """Grant ``units`` messages in ``requests`` requests (one, or one per message for a
+        single-message account); returns the time the requests may go out.
 
         A batch sized under an older, higher limit (a 429 or a live change came in between) is
         still granted, alone in its window, rather than failing in flight.
         """
         entry = self._accounts[account]
         now = self._clock()
-        grants = [(entry.msg_log, units), (entry.req_log, 1), (self._tenant_log(tenant), units)]
+        grants = [(entry.msg_log, units), (entry.req_log, requests),
+                  (self._tenant_log(tenant), units)]
         at = max(now, entry.not_before, *(log._earliest(n, now) for log, n in grants))
         for log, n in grants:
             log._record(at, n)
         return at
 
-    async def acquire(self, account: str, tenant: str, units: int) -> float:
+    async def acquire(self, account: str, tenant: str, units: int, requests: int = 1) -> float:
         """Reserve, then sleep until the grant's time; returns the seconds waited.
 
         If cancelled while waiting the grant stays recorded: capacity is wasted, never exceeded.
         """
         start = self._clock()
-        at = self.reserve(account, tenant, units)
+        at = self.reserve(account, tenant, units, requests)
         await trio.sleep_until(at)
         return max(0.0, at - start)
 

@@ -99,9 +99,10 @@ class Runtime:
 
     def max_batch(self, account: str, tenant: str) -> int:
         """The largest batch for an account and tenant: provider limit, 413s and rate limits."""
-        configured = self.config.accounts[account].max_batch
-        cap = self.batch_cap.get(account, configured)
-        return max(1, min(configured, cap, self.governor.max_batch(account, tenant)))
+        settings = self.config.accounts[account]
+        cap = self.batch_cap.get(account, settings.max_batch)
+        governed = self.governor.max_batch(account, tenant, settings.single)
+        return max(1, min(settings.max_batch, cap, governed))
 
     def wake_poller(self) -> None:
         self.wakeup.set()

@@ -87,26 +87,40 @@ async def send_batch(runtime: Runtime, batch: Batch) -> list[BatchResult | Unset
         return [BatchResult(None, released)]
     with runtime.working("sender"):
         batch.submission_id = await mark_submitted(runtime, batch)
+    # A single-message account sends each message of the batch as its own request, all at
+    # once under the batch's one submission mark: one mark per batch, not per message.
+    single = runtime.config.accounts[batch.account].single
+    requests = len(batch.messages) if single else 1
     # Waiting for the rate governor is not being wedged (a 429 can ask for minutes).
-    waited = await runtime.governor.acquire(batch.account, batch.tenant_id, len(batch.messages))
+    waited = await runtime.governor.acquire(batch.account, batch.tenant_id, len(batch.messages),
+                                            requests=requests)
     with runtime.working("sender"):
         await wait_for_lease(runtime, runtime.config.accounts[batch.account].timeout + LEASE_MARGIN)
         started = time.time()  # wall clock: logged, so rates can be checked from the log
         request_started = trio.current_time()
-        response = await runtime.providers[batch.account].send(batch.messages)
+        provider = runtime.providers[batch.account]
+        if single:
+            responses = await provider.send_each(batch.messages)
+        else:
+            responses = [await provider.send(batch.messages)]
+    # The answer that speaks for the batch in the log: the first that is not OK, if any.
+    response = next((r for r in responses if r.kind != base.OK), responses[0])
     # Metrics (sendd.metrics): rate wait, request time, batch size.
     runtime.metrics.rate_wait.observe(waited)
     runtime.metrics.provider_request.labels(batch.account).observe(
         trio.current_time() - request_started)
     runtime.metrics.batch_size.observe(len(batch.messages))
-    if response.kind == base.TOO_LARGE and len(batch.messages) > 1:
+    if response.kind == base.TOO_LARGE and not single and len(batch.messages) > 1:
         return [BatchResult(batch.submission_id), *await _split(runtime, batch)]
     if response.kind == base.AMBIGUOUS:
+        # (For one-message requests: any ambiguous one sends the whole batch to be looked up,
+        # reference by reference; the ones answered are found as they were answered.)
         _log_batch(runtime, batch, response, [], started)
         # Give the provider as long again as we waited for it before looking references up.
         not_before = trio.current_time() + runtime.config.accounts[batch.account].timeout
         return [Unsettled(batch.submission_id, batch.account, batch.messages, not_before)]
-    outcomes = classify(runtime, batch, response)
+    outcomes = (classify_each(runtime, batch, responses) if single
+                else classify(runtime, batch, response))
     _log_batch(runtime, batch, response, outcomes, started)
     return [BatchResult(batch.submission_id, outcomes)]
 
@@ -163,34 +177,63 @@ async def _split(runtime: Runtime, batch: Batch) -> list[BatchResult]:
 
 def classify(runtime: Runtime, batch: Batch, response: base.SendResponse) -> list[Outcome]:
     """Per-message outcomes for a provider response (PROVIDERS.md's table)."""
+    react(runtime, batch.account, [response])
+    return outcomes_of(runtime, batch.messages, response)
+
+
+def classify_each(runtime: Runtime, batch: Batch,
+                  responses: list[base.SendResponse]) -> list[Outcome]:
+    """Outcomes of one-message requests sent together: each message by its own response; the
+    account reacts once (one 429 among fifty halves the rate once, not fifty times)."""
+    react(runtime, batch.account, responses)
+    outcomes = []
+    for message, response in zip(batch.messages, responses, strict=True):
+        outcomes += outcomes_of(runtime, [message], response)
+    return outcomes
+
+
+def react(runtime: Runtime, account: str, responses: list[base.SendResponse]) -> None:
+    """What the answers mean for the account: suspension, slowing down, speeding up again."""
+    by_kind = {r.kind: r for r in responses}  # the last response of each kind
+    if base.SUSPEND in by_kind:
+        reason = by_kind[base.SUSPEND].error
+        runtime.suspended[account] = reason
+        runtime.log.error("account_suspended", account=account, reason=reason)
+    if base.THROTTLED in by_kind:
+        waits = [r.retry_after for r in responses
+                 if r.kind == base.THROTTLED and r.retry_after is not None]
+        runtime.governor.penalize(account, max(waits) if waits else None)
+    elif base.OK in by_kind:
+        runtime.governor.reward(account)
+
+
+def outcomes_of(runtime: Runtime, messages: list[Message],
+                response: base.SendResponse) -> list[Outcome]:
+    """The messages' outcomes under one answer to the request that carried them."""
     retry = runtime.config.retry
     kind = response.kind
     if kind == base.OK:
-        runtime.governor.reward(batch.account)
-        return accepted_or_rejected(batch, response)
+        return accepted_or_rejected(messages, response)
     if kind == base.SUSPEND:
-        runtime.suspended[batch.account] = response.error
-        runtime.log.error("account_suspended", account=batch.account, reason=response.error)
-        return [Outcome(m, RELEASE, counts_attempt=False) for m in batch.messages]
+        return [Outcome(m, RELEASE, counts_attempt=False) for m in messages]
     if kind == base.THROTTLED:
-        runtime.governor.penalize(batch.account, response.retry_after)
         wait = response.retry_after if response.retry_after is not None else retry.base_delay
         return [
             Outcome(m, RETRY, error_code="HTTP_429", error_text=response.error, retry_in=wait,
                     counts_attempt=False)
-            for m in batch.messages
+            for m in messages
         ]
     if kind == base.FAILED:
         return [Outcome(m, FAILED, error_code="HTTP_400", error_text=response.error)
-                for m in batch.messages]
+                for m in messages]
     # UNAVAILABLE, or a 413 for a single message.
-    return [retry_or_fail(m, "UNAVAILABLE", response.error, retry) for m in batch.messages]
+    return [retry_or_fail(m, "UNAVAILABLE", response.error, retry) for m in messages]
 
 
-def accepted_or_rejected(batch: Batch, response: base.SendResponse) -> list[Outcome]:
+def accepted_or_rejected(messages: list[Message], response: base.SendResponse) -> list[Outcome]:
     by_reference = {r.reference: r for r in response.results}
     outcomes = []
-    for message in batch.messages:
+    for message in messages:
         result = by_reference.get(message.reference)
         if result is None:
             # The provider answered but said nothing of this message: it may have been sent.

@@ -46,7 +46,13 @@ class LookupResult:
 
 
 class Provider(Protocol):
-    async def send(self, messages: list[Message]) -> SendResponse: ...
+    async def send(self, messages: list[Message]) -> SendResponse:
+        """The messages in one request (a bulk endpoint)."""
+        ...
+
+    async def send_each(self, messages: list[Message]) -> list[SendResponse]:
+        """Each message in its own request, concurrently (a one-message endpoint)."""
+        ...
 
     async def lookup(self, reference: str) -> LookupResult: ...
 
