@@ -1,0 +1,896 @@
+"""Load harness: run one sendd scenario end to end on this machine and write a report.
+
+    .venv/bin/python load/bench.py                                  # 100,000 messages, 1 daemon
+    .venv/bin/python load/bench.py --messages 1000000 --daemons 3
+    .venv/bin/python load/bench.py --messages 20000 --single   # one request per message
+    .venv/bin/python load/bench.py --transactional 50 --error-429 0.02 --error-503 0.02 \\
+        --reject 0.01 --tenants 2 --campaigns 3
+
+Everything runs in a private temp dir and is stopped at the end, whatever happens (Ctrl-C
+too): a durable private PostgreSQL (sendd.pgserver), the fake provider
+(`python -m sendd.fakeprovider`) and K daemons (`python -m sendd run`, each with its own
+config, HTTP port and control socket). The steps:
+
+1. migrate and create the tenants with `sendd` itself, create the campaigns with an INSERT and
+   generate the messages inside PostgreSQL (load/dataset.py; `sendd enqueue` validates every
+   number and is too slow for millions), then VACUUM ANALYZE; timed, not counted in throughput;
+2. snapshot the database statistics, start the daemons, sample every 0.5 s (messages done,
+   backlog, throughput, channel fill from each daemon's /metrics, RSS from /proc) while an
+   optional task trickles transactional messages in at --transactional per second;
+3. once every campaign message is done: stop the trickle, wait for the transactional messages,
+   read each daemon's peak RSS, stop the daemons (SIGTERM: they drain), snapshot again;
+4. check the outcome: duplicates at the provider, unfinished messages, provider-accepted versus
+   stored-as-sent, the credit ledger;
+5. measure the bare-PostgreSQL ceiling on the same server (load/ceiling.py);
+6. write DIR/report.json (everything, with the time series), DIR/report.md (the summary, also
+   printed) and DIR/chart.png (throughput, backlog, channel fill over time; load/report.py).
+
+Exit status: 0 when every message was done with 0 duplicates and 0 lost (and the other checks
+held), 1 otherwise (the reasons are printed), 2 for bad arguments, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "daemon"), str(REPO / "tests"), str(Path(__file__).resolve().parent)]
+
+import ceiling  # noqa: E402 -- these need the path set-up above
+import dataset  # noqa: E402
+import report  # noqa: E402
+from harness import Daemon, FakeProvider, setup_database, write_config  # noqa: E402
+from sendd.config import PipelineConfig, RetryConfig  # noqa: E402
+from sendd.pgserver import PrivatePostgres, ServerError, free_port, log_tail  # noqa: E402
+
+SAMPLE_INTERVAL = 0.5  # seconds between samples of the time series
+PROGRESS_EVERY = 3.0  # seconds between progress lines
+STALL_TIMEOUT = 120.0  # no message done for this long: the run is stuck
+READY_TIMEOUT = 60.0  # for a daemon's /readyz to answer 200
+READY_POLL = 0.05  # seconds between /readyz polls until every daemon is ready
+STOP_TIMEOUT = 60.0  # for a daemon to drain after SIGTERM (its own stop_timeout is 30 s)
+TRANSACTIONAL_TIMEOUT = 120.0  # for the last transactional messages once the campaigns are done
+TRANSACTIONAL_PRIORITY = 10
+CREDIT_MARGIN = 1_000_000  # on top of every tenant's messages: transactional ones, retries
+# Quick retries when the provider is told to fail: 429/503 then cost seconds, not minutes.
+FAST_RETRY = {"base_delay": 0.5, "max_delay": 5.0, "max_attempts": 10}
+ACCOUNT_TIMEOUT = 10.0  # the daemon's default; the test harness's 1.5 s is for fault tests
+TRANSACTIONAL_NOTE = ("from the insert (created_at, the database's clock) to the arrival of the "
+                      "request at the provider, which accepts on arrival (the fake's "
+                      "/_accepted_at; same machine, same clock)")
+
+BULK_BATCH = 1000  # the provider's largest bulk request
+SINGLE_GROUP = 100  # one-message requests sent together under one submission mark
+PIPELINE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(PipelineConfig)}
+RETRY_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RetryConfig)}
+
+CAMPAIGN_SUMS = """
+SELECT coalesce(sum(total), 0)::bigint AS total,
+       coalesce(sum(sent + failed + unknown + cancelled), 0)::bigint AS done
+FROM sendd.campaign WHERE id = ANY($1::bigint[])
+"""
+INSERT_TRANSACTIONAL = """
+INSERT INTO sendd.message (tenant_id, account, sender, recipient, body, priority)
+VALUES ($1, $2, $3, $4, $5, $6)
+"""
+TRANSACTIONAL_PENDING = """
+SELECT count(*) FROM sendd.message
+WHERE campaign_id IS NULL AND status IN ('queued', 'sending')
+"""
+STAT_TABLES = """
+SELECT relname, n_tup_ins, n_tup_upd, n_tup_del, n_tup_hot_upd
+FROM pg_stat_user_tables WHERE schemaname = 'sendd'
+"""
+STAT_XACTS = "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+STAT_WAL = "SELECT wal_records, wal_bytes FROM pg_stat_wal"
+STATUS_COUNTS = """
+SELECT campaign_id IS NULL AS transactional, recipient LIKE '+99%' AS reject_share, status,
+       count(*) AS count, sum(segments)::bigint AS segments
+FROM sendd.message GROUP BY 1, 2, 3
+"""
+LEDGER_DEBITED = ("SELECT -coalesce(sum(delta), 0)::bigint FROM sendd.credit_ledger "
+                  "WHERE reason = 'send'")
+TRANSACTIONAL_SENT = """
+SELECT id::text AS reference, extract(epoch FROM created_at)::float8 AS created
+FROM sendd.message
+WHERE campaign_id IS NULL AND status IN ('sent', 'delivered', 'undelivered')
+"""
+CAMPAIGN_ROWS = """
+SELECT id, tenant_id, status, total, sent, failed, unknown, cancelled, started_at, finished_at
+FROM sendd.campaign ORDER BY id
+"""
+
+
+class BenchFailed(Exception):
+    """The run could not go on; str() is one line."""
+
+
+# --- the command line -------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # One line, no usage dump: the brief error is what scripts and people read.
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.replace("_", ""))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low:,} and {high:,}, got {text}")
+        return value
+    return parse
+
+
+def _number_in(low: float, high: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not low <= value <= high:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g}, got {text}")
+        return value
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options (exit 2 with one line on bad ones); defaults filled in where they depend."""
+    parser = _Parser(prog="load/bench.py", description=__doc__.split("\n\n")[0],
+                     epilog="Everything else the harness does is described in load/bench.py.")
+    _campaign_options(parser.add_argument_group("the campaign"))
+    _provider_options(parser.add_argument_group("the fake provider"))
+    _daemon_options(parser.add_argument_group("the daemons"))
+    _report_options(parser.add_argument_group("the report"))
+    args = parser.parse_args(argv)
+    _check_combinations(parser, args)
+    if args.batch_size is None:
+        args.batch_size = SINGLE_GROUP if args.single else BULK_BATCH
+    return args
+
+
+def _campaign_options(group: Any) -> None:
+    group.add_argument("--messages", metavar="N", type=_int_in(1, dataset.MAX_MESSAGES),
+                       default=100_000,
+                       help="campaign messages (default 100000; 5000000 works)")
+    group.add_argument("--tenants", metavar="N", type=_int_in(1, 1000), default=1,
+                       help="tenants, each with enough credits (default 1)")
+    group.add_argument("--campaigns", metavar="N", type=_int_in(1, 10_000), default=1,
+                       help="campaigns, spread round-robin over the tenants, messages "
+                            "round-robin over the campaigns (default 1; at least --tenants)")
+    group.add_argument("--transactional", type=_number_in(0, 10_000), default=0.0,
+                       metavar="RATE", help="transactional messages per second inserted one "
+                       "by one while the campaign runs; their latency is reported (default 0)")
+
+
+def _provider_options(group: Any) -> None:
+    group.add_argument("--latency-ms", metavar="MS", type=_number_in(0, 60_000), default=20.0,
+                       help="response latency per request (default 20)")
+    group.add_argument("--jitter-ms", metavar="MS", type=_number_in(0, 60_000), default=0.0,
+                       help="extra random latency per request, 0..MS (default 0)")
+    group.add_argument("--error-429", type=_number_in(0, 1), default=0.0, metavar="RATE",
+                       help="share of requests answered 429 with Retry-After (default 0)")
+    group.add_argument("--error-503", type=_number_in(0, 1), default=0.0, metavar="RATE",
+                       help="share of requests answered 503 (default 0)")
+    group.add_argument("--reject", type=_number_in(0, 1), default=0.0, metavar="RATE",
+                       help="share of recipients the provider rejects as invalid numbers; "
+                            "they must end failed (default 0)")
+    group.add_argument("--seed", metavar="N", type=int, default=1,
+                       help="the provider's random seed (default 1)")
+
+
+def _daemon_options(group: Any) -> None:
+    group.add_argument("--daemons", metavar="K", type=_int_in(1, 32), default=1,
+                       help="daemons sharing the database (default 1)")
+    group.add_argument("--batch-size", metavar="N", type=_int_in(1, 1000), default=None,
+                       help="the account's max_batch: messages per request, or with --single "
+                            f"per group of concurrent requests under one submission mark "
+                            f"(default {BULK_BATCH}, with --single {SINGLE_GROUP})")
+    group.add_argument("--single", action="store_true",
+                       help="single-message mode: every message is its own request, to the "
+                            "provider's one-message endpoint (the account's single = true)")
+    group.add_argument("--senders", metavar="N", type=_int_in(1, 256),
+                       default=PIPELINE_DEFAULTS["senders"],
+                       help="pipeline.senders (default: the daemon's, "
+                            f"{PIPELINE_DEFAULTS['senders']})")
+    group.add_argument("--claim-chunk", metavar="N", type=_int_in(1, 100_000),
+                       default=PIPELINE_DEFAULTS["claim_chunk"],
+                       help="pipeline.claim_chunk, also the ceiling's claim size (default: "
+                            f"the daemon's, {PIPELINE_DEFAULTS['claim_chunk']})")
+
+
+def _report_options(group: Any) -> None:
+    group.add_argument("--out", type=Path, metavar="DIR",
+                       help="report directory (default load/reports/<timestamp>)")
+    group.add_argument("--no-chart", action="store_true", help="skip chart.png")
+    group.add_argument("--ceiling-messages", metavar="N", type=_int_in(0, dataset.MAX_MESSAGES),
+                       help="rows for the bare-PostgreSQL ceiling (default min(messages, "
+                            "200000); 0 skips it)")
+    group.add_argument("--keep-dir", action="store_true",
+                       help="keep the work dir (daemon configs and logs) for debugging; "
+                            "PostgreSQL's own directory is removed either way")
+
+
+def _check_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.campaigns < args.tenants:
+        parser.error(f"--campaigns ({args.campaigns}) must be at least --tenants "
+                     f"({args.tenants}), so that every tenant has a campaign")
+    if args.campaigns > args.messages:
+        parser.error(f"--campaigns ({args.campaigns}) must not exceed --messages")
+    if args.ceiling_messages is None:
+        args.ceiling_messages = min(args.messages, 200_000)
+    if args.out is None:
+        args.out = REPO / "load" / "reports" / datetime.now().strftime("%Y%m%d-%H%M%S")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out}: exists and is not a directory")
+
+
+def scenario_of(args: argparse.Namespace) -> dict[str, Any]:
+    return {"messages": args.messages, "tenants": args.tenants, "campaigns": args.campaigns,
+            "transactional": args.transactional, "latency_ms": args.latency_ms,
+            "jitter_ms": args.jitter_ms, "error_429": args.error_429,
+            "error_503": args.error_503, "reject": args.reject, "seed": args.seed,
+            "daemons": args.daemons, "batch_size": args.batch_size,
+            "single": args.single, "senders": args.senders,
+            "claim_chunk": args.claim_chunk, "ceiling_messages": args.ceiling_messages}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        print(f"load/bench.py: error: --out {args.out}: {error.strerror}", file=sys.stderr)
+        return 2
+    try:
+        with _stop_signals_interrupt():
+            figures = run_bench(args)
+    except KeyboardInterrupt:
+        print("bench: interrupted; everything it started is stopped", file=sys.stderr)
+        return 130
+    except (BenchFailed, ServerError) as error:
+        if _during_interrupt(error):  # e.g. the cleanup of a PostgreSQL start cut short
+            print("bench: interrupted; everything it started is stopped", file=sys.stderr)
+            return 130
+        print(f"bench: {error}", file=sys.stderr)
+        return 1
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, httpx.HTTPError) as error:
+        print(f"bench: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    summary = report.markdown(figures)
+    print(summary)
+    print(f"report: {args.out / 'report.md'} (and report.json"
+          f"{'' if args.no_chart else ', chart.png'})")
+    for problem in figures["problems"]:
+        print(f"bench: {problem}", file=sys.stderr)
+    return 0 if figures["ok"] else 1
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Fleet:
+    """The daemons, with what the harness learns about them along the way."""
+
+    daemons: list[Daemon]
+    ports: list[int]
+    logs: list[Path]
+    ready_s: list[float | None]
+    peak_rss_kb: list[int]
+
+    def alive_or_fail(self) -> None:
+        for i, daemon in enumerate(self.daemons):
+            code = daemon.process.poll()
+            if code is not None:
+                raise BenchFailed(f"daemon {i + 1} exited early (code {code}): "
+                                  f"{log_tail(self.logs[i])}")
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the whole scenario and return the report (also written to args.out)."""
+    stack = ExitStack()
+    try:
+        return _run(stack, args)
+    finally:
+        _unwind(stack)
+
+
+def _run(stack: ExitStack, args: argparse.Namespace) -> dict[str, Any]:
+    started_at, loadavg_start = datetime.now().astimezone(), os.getloadavg()
+    workdir = _workdir(stack, args.keep_dir)
+    pg = stack.enter_context(PrivatePostgres(durable=True, base_dir=workdir))
+    say(f"PostgreSQL (durable) on port {pg.port}, work dir {workdir}")
+    fake = stack.enter_context(_provider(args))
+    configs, ports = _write_configs(workdir, pg.url, fake.url, args)
+    tenants = dataset.tenant_names(args.tenants)
+    _setup(configs[0], tenants, args.messages)
+    campaigns, load = _run_async(_load(pg.url, args, tenants))
+    before = _run_async(stats_snapshot(pg.url))
+    fleet, t0 = _start_fleet(stack, configs, ports)
+    watched = _run_async(_watch(pg.url, fleet, campaigns, args, tenants[0], t0))
+    _stop_fleet(fleet)
+    provider = fake.stats()
+    after = _run_async(stats_snapshot(pg.url))  # before anything else touches the database
+    outcome = _run_async(_outcome(pg.url, args, provider, fake))
+    results = Results(started_at, loadavg_start, load, watched, fleet, before, after, provider,
+                      outcome, _ceiling(pg.url, args), _run_async(_server_version(pg.url)))
+    figures = figures_of(args, results)
+    _write_report(figures, args)
+    return figures
+
+
+def _run_async(work: Any) -> Any:
+    # A plain selector loop, as sendd demo uses: Ctrl-C cancels the running task cleanly.
+    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+        return runner.run(work)
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --- starting and stopping ----------------------------------------------------------------------
+
+def _workdir(stack: ExitStack, keep: bool) -> Path:
+    workdir = Path(tempfile.mkdtemp(prefix="sendd-bench-"))
+    # As root the server runs as the postgres user, which must reach its directory in here.
+    workdir.chmod(0o711)
+    if keep:
+        stack.callback(say, f"work dir kept: {workdir}")
+    else:
+        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+    return workdir
+
+
+def _provider(args: argparse.Namespace) -> FakeProvider:
+    flags = ["--latency-ms", str(args.latency_ms), "--jitter-ms", str(args.jitter_ms),
+             "--error-429-rate", str(args.error_429), "--error-503-rate", str(args.error_503),
+             "--seed", str(args.seed)]
+    try:
+        return FakeProvider(*flags)
+    except RuntimeError as error:  # it exited before printing its port; its stderr says why
+        raise BenchFailed(str(error)) from None
+
+
+def daemon_settings(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The config sections every daemon gets: the daemon's own defaults (not the test suite's
+    fast ones) except for what the scenario sets."""
+    pipeline = {**PIPELINE_DEFAULTS, "senders": args.senders, "claim_chunk": args.claim_chunk}
+    retry = dict(RETRY_DEFAULTS)
+    if args.error_429 or args.error_503:
+        retry |= FAST_RETRY
+    account = {"max_batch": args.batch_size, "single": args.single,
+               "timeout": ACCOUNT_TIMEOUT}
+    return {"pipeline": pipeline, "retry": retry, "account": account}
+
+
+def _write_configs(workdir: Path, database_url: str, provider_url: str,
+                   args: argparse.Namespace) -> tuple[list[Path], list[int]]:
+    settings = daemon_settings(args)
+    configs, ports = [], []
+    for number in range(1, args.daemons + 1):
+        home = workdir / f"daemon-{number}"
+        home.mkdir()
+        port = free_port()
+        # warning, not info: info logs a line per batch, per message in single-message mode.
+        daemon = {"log_level": "warning", "http_listen": f"127.0.0.1:{port}",
+                  "control_socket": str(home / "control.sock")}
+        configs.append(write_config(home / "sendd.toml", database_url, provider_url,
+                                    accounts={dataset.ACCOUNT: settings["account"]},
+                                    pipeline=settings["pipeline"], retry=settings["retry"],
+                                    daemon=daemon))
+        ports.append(port)
+    return configs, ports
+
+
+def _setup(config: Path, tenants: list[str], messages: int) -> None:
+    """Migrate and create the tenants with `sendd` itself."""
+    try:
+        setup_database(config, dict.fromkeys(tenants, messages + CREDIT_MARGIN))
+    except AssertionError as error:  # the harness reports a failed command this way
+        raise BenchFailed(str(error).splitlines()[0]) from None
+
+
+def _start_fleet(stack: ExitStack, configs: list[Path],
+                 ports: list[int]) -> tuple[Fleet, float]:
+    logs = [config.parent / "daemon.log" for config in configs]
+    fleet = Fleet([], ports, logs, [None] * len(configs), [0] * len(configs))
+    t0 = time.time()
+    for config, log in zip(configs, logs, strict=True):
+        daemon = Daemon(config, log)
+        stack.callback(daemon.stop)
+        fleet.daemons.append(daemon)
+    for daemon in fleet.daemons:
+        _check_is_python(daemon.process.pid)
+    say(f"{len(configs)} daemon(s) started: pids "
+        + ", ".join(str(d.process.pid) for d in fleet.daemons))
+    return fleet, t0
+
+
+def _check_is_python(pid: int) -> None:
+    """RSS is read from /proc/<pid>: that pid must be the daemon's Python, not a wrapper."""
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return  # already gone: the run notices and says why
+    if "python" not in Path(exe).name:
+        raise BenchFailed(f"daemon pid {pid} runs {exe}, not Python: RSS would be wrong")
+
+
+def _stop_fleet(fleet: Fleet) -> None:
+    """Read each daemon's peak RSS, then SIGTERM them all at once and wait for their drains."""
+    for i, daemon in enumerate(fleet.daemons):
+        fleet.peak_rss_kb[i] = proc_status_kb(daemon.process.pid, "VmHWM") or 0
+    for daemon in fleet.daemons:
+        daemon.signal(signal.SIGTERM)
+    for daemon in fleet.daemons:
+        try:
+            daemon.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            daemon.stop()  # a second SIGTERM stops it at once; then SIGKILL
+    say("daemons stopped")
+
+
+def _unwind(stack: ExitStack) -> None:
+    """Stop daemons, provider and PostgreSQL, with stop signals held off meanwhile, so an
+    impatient second Ctrl-C cannot leave a server running."""
+    held = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in held}
+    try:
+        stack.close()
+    except ServerError as error:
+        say(f"bench: stopping PostgreSQL: {error}")
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _during_interrupt(error: BaseException) -> bool:
+    """Whether error was raised while handling a Ctrl-C."""
+    context = error.__context__
+    while context is not None:
+        if isinstance(context, KeyboardInterrupt):
+            return True
+        context = context.__context__
+    return False
+
+
+def _as_ctrl_c(signum: int, frame: object) -> None:
+    # Re-raised as SIGINT so that a running asyncio loop cancels its task as for Ctrl-C.
+    signal.raise_signal(signal.SIGINT)
+
+
+@contextmanager
+def _stop_signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP act like Ctrl-C, so that the servers are stopped on the way out."""
+    previous = {s: signal.signal(s, _as_ctrl_c) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+async def _load(url: str, args: argparse.Namespace,
+                tenants: list[str]) -> tuple[dataset.Campaigns, dict[str, Any]]:
+    conn = await asyncpg.connect(url)
+    try:
+        campaigns = await dataset.create_campaigns(
+            conn, dataset.campaign_tenants(args.campaigns, tenants))
+        say(f"loading {args.messages:,} messages into {args.campaigns} campaign(s)")
+        insert_s = await dataset.insert_messages(
+            conn, "sendd.message", args.messages, campaigns, reject_rate=args.reject,
+            progress=_load_progress(args.messages))
+        vacuum_s = await dataset.vacuum_analyze(conn, "sendd.message")
+    finally:
+        await conn.close()
+    say(f"loaded in {insert_s:.1f} s ({args.messages / insert_s:,.0f} rows/s), "
+        f"VACUUM ANALYZE {vacuum_s:.1f} s")
+    return campaigns, {"messages": args.messages, "insert_s": round(insert_s, 2),
+                       "rows_per_s": round(args.messages / insert_s),
+                       "vacuum_analyze_s": round(vacuum_s, 2)}
+
+
+def _load_progress(total: int) -> Callable[[int, float], None]:
+    def show(rows: int, seconds: float) -> None:
+        if rows < total:
+            say(f"  {rows:,} of {total:,} rows ({seconds:.1f} s)")
+    return show
+
+
+# --- database statistics ------------------------------------------------------------------------
+
+async def stats_snapshot(url: str) -> dict[str, Any]:
+    """Tuple, transaction and WAL counters, once every other connection has closed.
+
+    A backend publishes its statistics when it exits (and when idle, at most once a second),
+    and before PostgreSQL 15 through a collector that lags a little: the second of sleep lets
+    the backends that just closed (the loader's, the daemons') land in the counters.
+    """
+    await asyncio.sleep(1.0)
+    conn = await asyncpg.connect(url)
+    try:
+        # One transaction: one consistent snapshot, and one commit to account for.
+        async with conn.transaction(readonly=True):
+            tables = {r["relname"]: {c: r[c] for c in report.TUPLE_COUNTERS}
+                      for r in await conn.fetch(STAT_TABLES)}
+            xacts = await conn.fetchval(STAT_XACTS)
+            # pg_stat_wal is PostgreSQL 14+; the schema supports 13.
+            has_wal = await conn.fetchval("SELECT to_regclass('pg_stat_wal') IS NOT NULL")
+            wal = await conn.fetchrow(STAT_WAL) if has_wal else None
+    finally:
+        await conn.close()
+    return {"tables": tables, "xact_commit": xacts,
+            "wal_records": wal and wal["wal_records"], "wal_bytes": wal and int(wal["wal_bytes"])}
+
+
+async def _server_version(url: str) -> str:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval("SHOW server_version")
+    finally:
+        await conn.close()
+
+
+class CountingConnection:
+    """An asyncpg connection that counts its statements: each one outside a transaction block
+    is a transaction of its own, to be subtracted from the daemons' transaction count."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.statements = 0
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        self.statements += 1
+        return await self.conn.fetchval(sql, *args)
+
+    async def fetchrow(self, sql: str, *args: Any) -> Any:
+        self.statements += 1
+        return await self.conn.fetchrow(sql, *args)
+
+    async def execute(self, sql: str, *args: Any) -> Any:
+        self.statements += 1
+        return await self.conn.execute(sql, *args)
+
+
+# --- watching the run -----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Watched:
+    series: list[dict[str, Any]]
+    total: int
+    end_s: float  # from the daemons' start to the last campaign's finished_at
+    transactional_inserted: int
+    bench_statements: int  # the harness's own transactions between the snapshots
+
+
+async def _watch(url: str, fleet: Fleet, campaigns: dataset.Campaigns, args: argparse.Namespace,
+                 tenant: str, t0: float) -> Watched:
+    """Sample until every campaign message is done, trickling transactional messages in."""
+    conn = CountingConnection(await asyncpg.connect(url))
+    trickle_conn = CountingConnection(await asyncpg.connect(url))
+    ready, stop = asyncio.Event(), asyncio.Event()
+    trickle = asyncio.create_task(
+        _trickle(trickle_conn, args.transactional, tenant, ready, stop))
+    try:
+        async with httpx.AsyncClient(timeout=2.0) as http:
+            readiness = asyncio.create_task(_watch_readiness(http, fleet, t0, ready))
+            try:
+                series = await _sample_until_done(conn, http, fleet, list(campaigns.ids), t0,
+                                                  readiness)
+            finally:
+                readiness.cancel()
+        stop.set()
+        inserted = await trickle
+        if inserted:
+            await _wait_transactional(conn, fleet)
+        finished = await conn.fetchval(
+            "SELECT extract(epoch FROM max(finished_at)) FROM sendd.campaign "
+            "WHERE id = ANY($1::bigint[])", list(campaigns.ids))
+    finally:
+        trickle.cancel()
+        await conn.conn.close()
+        await trickle_conn.conn.close()
+    end_s = float(finished) - t0 if finished is not None else series[-1]["t"]
+    # +1: the "before" statistics snapshot's own transaction commits after it read the count.
+    statements = conn.statements + trickle_conn.statements + 1
+    return Watched(series, series[-1]["done"] + series[-1]["backlog"], end_s, inserted,
+                   statements)
+
+
+async def _sample_until_done(conn: CountingConnection, http: httpx.AsyncClient, fleet: Fleet,
+                             campaign_ids: list[int], t0: float,
+                             readiness: asyncio.Task[None]) -> list[dict[str, Any]]:
+    """The time series, until every campaign message is done."""
+    series: list[dict[str, Any]] = []
+    last_progress = last_change = time.monotonic()
+    while True:
+        point = await _sample(conn, http, fleet, campaign_ids, t0)
+        if readiness.done():
+            readiness.result()  # raises if a daemon never got ready
+        if series and point["done"] != series[-1]["done"]:
+            last_change = time.monotonic()
+        series.append(point)
+        if point["backlog"] <= 0:
+            _progress_line(series)
+            return series
+        fleet.alive_or_fail()
+        if time.monotonic() - last_change > STALL_TIMEOUT:
+            raise BenchFailed(f"no message done for {STALL_TIMEOUT:g} s "
+                              f"({point['done']:,} of {point['done'] + point['backlog']:,} "
+                              f"done): {log_tail(fleet.logs[0])}")
+        if time.monotonic() - last_progress >= PROGRESS_EVERY:
+            _progress_line(series)
+            last_progress = time.monotonic()
+        await asyncio.sleep(max(0.0, t0 + len(series) * SAMPLE_INTERVAL - time.time()))
+
+
+async def _sample(conn: CountingConnection, http: httpx.AsyncClient, fleet: Fleet,
+                  campaign_ids: list[int], t0: float) -> dict[str, Any]:
+    row = await conn.fetchrow(CAMPAIGN_SUMS, campaign_ids)
+    t = time.time() - t0
+    daemons = await asyncio.gather(*(_daemon_state(http, fleet, i)
+                                     for i in range(len(fleet.daemons))))
+    return {"t": round(t, 3), "done": row["done"], "backlog": row["total"] - row["done"],
+            "fill": report.channel_fill(daemons), "daemons": daemons}
+
+
+async def _daemon_state(http: httpx.AsyncClient, fleet: Fleet, i: int) -> dict[str, Any]:
+    metrics = await _get(http, f"http://127.0.0.1:{fleet.ports[i]}/metrics")
+    return {"rss_kb": proc_status_kb(fleet.daemons[i].process.pid, "VmRSS"),
+            "channels": report.parse_channels(metrics or "")}
+
+
+async def _watch_readiness(http: httpx.AsyncClient, fleet: Fleet, t0: float,
+                           ready: asyncio.Event) -> None:
+    """Note when each daemon first answers /readyz, polling often (the transactional trickle
+    starts then); set `ready` once all have."""
+    while None in fleet.ready_s:
+        for i, port in enumerate(fleet.ports):
+            if fleet.ready_s[i] is not None:
+                continue
+            if await _get(http, f"http://127.0.0.1:{port}/readyz") is not None:
+                fleet.ready_s[i] = round(time.time() - t0, 3)
+        if time.time() - t0 > READY_TIMEOUT and None in fleet.ready_s:
+            slow = fleet.ready_s.index(None)
+            raise BenchFailed(f"daemon {slow + 1} not ready after {READY_TIMEOUT:g} s: "
+                              f"{log_tail(fleet.logs[slow])}")
+        await asyncio.sleep(READY_POLL)
+    ready.set()
+
+
+async def _get(http: httpx.AsyncClient, url: str) -> str | None:
+    """The body of a 200 answer, else None (not listening yet, busy, draining)."""
+    try:
+        response = await http.get(url)
+    except httpx.HTTPError:
+        return None
+    return response.text if response.status_code == 200 else None
+
+
+def _progress_line(series: list[dict[str, Any]]) -> None:
+    point = series[-1]
+    total = point["done"] + point["backlog"]
+    earlier = next((p for p in reversed(series) if point["t"] - p["t"] >= PROGRESS_EVERY),
+                   series[0])
+    span = point["t"] - earlier["t"]
+    rate = (point["done"] - earlier["done"]) / span if span > 0 else 0.0
+    rss = ", ".join(f"{(d['rss_kb'] or 0) / 1024:.0f}" for d in point["daemons"])
+    say(f"  {point['t']:6.1f} s  done {point['done']:,} of {total:,} "
+        f"({100 * point['done'] / max(total, 1):.0f}%)  backlog {point['backlog']:,}  "
+        f"{rate:,.0f} msgs/s  RSS {rss} MiB")
+
+
+async def _trickle(conn: CountingConnection, rate: float, tenant: str, ready: asyncio.Event,
+                   stop: asyncio.Event) -> int:
+    """Insert transactional messages one by one at `rate` a second from `ready` (every daemon
+    up: the latency is the pipeline's, not the daemons' start-up) until `stop`; the count.
+
+    Times are absolute (start + k / rate), so a slow insert is caught up, not lost.
+    """
+    if rate <= 0:
+        return 0
+    await _first(ready, stop)
+    loop = asyncio.get_running_loop()
+    start, sent = loop.time(), 0
+    while not stop.is_set():
+        await conn.execute(INSERT_TRANSACTIONAL, tenant, dataset.ACCOUNT, dataset.SENDER,
+                           f"+30699{sent % 10_000_000:07d}", "Your code is 1234",
+                           TRANSACTIONAL_PRIORITY)
+        sent += 1
+        delay = start + sent / rate - loop.time()
+        if delay > 0:
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except TimeoutError:
+                pass
+    return sent
+
+
+async def _first(*events: asyncio.Event) -> None:
+    """Wait until one of the events is set."""
+    waits = [asyncio.create_task(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+
+
+async def _wait_transactional(conn: CountingConnection, fleet: Fleet) -> None:
+    """Wait for the last transactional messages; ones still pending show up as lost."""
+    deadline = time.monotonic() + TRANSACTIONAL_TIMEOUT
+    while await conn.fetchval(TRANSACTIONAL_PENDING):
+        fleet.alive_or_fail()
+        if time.monotonic() > deadline:
+            say(f"transactional messages still pending after {TRANSACTIONAL_TIMEOUT:g} s")
+            return
+        await asyncio.sleep(0.1)
+
+
+def proc_status_kb(pid: int, field: str) -> int | None:
+    """A kB field of /proc/<pid>/status (VmRSS: resident now, VmHWM: the peak), None if gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+# --- after the run --------------------------------------------------------------------------------
+
+async def _outcome(url: str, args: argparse.Namespace, provider: dict[str, Any],
+                   fake: FakeProvider) -> dict[str, Any]:
+    """Final statuses, lost, duplicates, provider versus database, ledger, transactional."""
+    conn = await asyncpg.connect(url)
+    try:
+        rows = [dict(r) for r in await conn.fetch(STATUS_COUNTS)]
+        debited = await conn.fetchval(LEDGER_DEBITED)
+        created = {r["reference"]: r["created"] for r in await conn.fetch(TRANSACTIONAL_SENT)}
+        campaigns = [dict(r) for r in await conn.fetch(CAMPAIGN_ROWS)]
+    finally:
+        await conn.close()
+    accepted = fake.accepted_at(list(created)) if created else {}
+    latencies = [(accepted[ref] - at) * 1000 for ref, at in created.items()
+                 if accepted.get(ref) is not None]
+    expected = dataset.expected_rejections(args.messages, args.reject)
+    return {**report.summarize_statuses(rows, expected), "ledger_debited": debited,
+            "duplicates": provider["duplicate_references"],
+            "provider_accepted": provider["accepted"], "provider_rejected": provider["rejected"],
+            "campaigns": campaigns, "transactional_latencies_ms": latencies}
+
+
+def _ceiling(url: str, args: argparse.Namespace) -> dict[str, Any] | None:
+    """The ceiling's figures; a failed measurement is reported, it does not sink the run."""
+    if not args.ceiling_messages:
+        return None
+    say(f"measuring the bare-PostgreSQL ceiling with {args.ceiling_messages:,} rows")
+    try:
+        result = _run_async(ceiling.measure(url, args.ceiling_messages, args.claim_chunk))
+    except (ceiling.CeilingFailed, asyncpg.PostgresError) as error:
+        say(f"  the ceiling could not be measured: {error}")
+        return {"error": str(error)}
+    for trial in result["trials"]:
+        say(f"  {trial['connections']} connection(s): {trial['msgs_per_s']:,.0f} msgs/s")
+    return result
+
+
+def machine_info(server_version: str, loadavg_start: tuple[float, ...]) -> dict[str, Any]:
+    return {"nproc": os.cpu_count(), "cpu_model": _cpu_model(),
+            "memory_gib": round(_meminfo_kb("MemTotal") / 2**20, 1),
+            "kernel": platform.release(), "python": platform.python_version(),
+            "postgresql": server_version,
+            "loadavg_start": " ".join(f"{x:.2f}" for x in loadavg_start),
+            "loadavg_end": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _meminfo_kb(field: str) -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+@dataclasses.dataclass
+class Results:
+    """Everything a run gathered, in the order it gathered it."""
+
+    started_at: datetime
+    loadavg_start: tuple[float, ...]
+    load: dict[str, Any]
+    watched: Watched
+    fleet: Fleet
+    before: dict[str, Any]
+    after: dict[str, Any]
+    provider: dict[str, Any]
+    outcome: dict[str, Any]
+    ceiling: dict[str, Any] | None
+    server_version: str
+
+
+def figures_of(args: argparse.Namespace, r: Results) -> dict[str, Any]:
+    """report.json: the scenario, the figures, the checks and the time series."""
+    series = report.with_throughput(report.with_end(r.watched.series, r.watched.end_s))
+    sustained = report.sustained_rate(series, r.watched.total)
+    outcome = dict(r.outcome)
+    latencies = outcome.pop("transactional_latencies_ms")
+    exit_codes = [d.process.returncode for d in r.fleet.daemons]
+    problems = report.problems_of(outcome, exit_codes)
+    best = (r.ceiling or {}).get("msgs_per_s")
+    return {
+        "date": r.started_at.isoformat(timespec="seconds"),
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "machine": machine_info(r.server_version, r.loadavg_start),
+        "scenario": scenario_of(args), "config": daemon_settings(args), "load": r.load,
+        "run": {"messages": r.watched.total, "wall_s": round(r.watched.end_s, 3),
+                "msgs_per_s": round(r.watched.total / r.watched.end_s, 1),
+                "sustained": sustained, "daemon_ready_s": r.fleet.ready_s},
+        "transactional": {"rate": args.transactional,
+                          "inserted": r.watched.transactional_inserted,
+                          **report.latency_summary(latencies), "note": TRANSACTIONAL_NOTE},
+        "daemons": [{"pid": d.process.pid, "peak_rss_kb": r.fleet.peak_rss_kb[i],
+                     "exit_code": exit_codes[i], "ready_s": r.fleet.ready_s[i]}
+                    for i, d in enumerate(r.fleet.daemons)],
+        "db_writes": report.db_writes(
+            r.before, r.after, r.watched.total + r.watched.transactional_inserted,
+            bench_rows=r.watched.transactional_inserted, bench_xacts=r.watched.bench_statements),
+        "db_stats": {"before": r.before, "after": r.after},
+        "outcome": outcome, "provider": r.provider,
+        "ceiling": r.ceiling, "ratio": report.ratio(sustained["msgs_per_s"], best),
+        "ok": not problems, "problems": problems,
+        "series": series,
+    }
+
+
+def _write_report(figures: dict[str, Any], args: argparse.Namespace) -> None:
+    report.write_json(figures, args.out / "report.json")
+    (args.out / "report.md").write_text(report.markdown(figures))
+    if not args.no_chart:
+        s = figures["scenario"]
+        title = (f"{s['messages']:,} messages, {s['daemons']} daemon(s), batch {s['batch_size']}"
+                 f", provider {s['latency_ms']:g} ms")
+        report.write_chart(figures["series"], args.out / "chart.png", title)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,386 @@
+"""The figures and the report of a bench.py run: pure functions over plain dicts and lists.
+
+Nothing here talks to a process or a database, so every figure can be unit-tested from made-up
+data (tests/test_bench.py): percentiles, the sustained rate, database writes per message, the
+channel fill parsed from /metrics, the Markdown summary and the chart.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+PERCENTILES = (50, 90, 99)
+# Final statuses; anything else after the run is lost or unfinished (`unknown` included: the
+# fake provider answers lookups, so nothing should stay undecided).
+FINAL = ("sent", "failed", "delivered", "undelivered")
+ACCEPTED = ("sent", "delivered", "undelivered")
+TUPLE_COUNTERS = ("n_tup_ins", "n_tup_upd", "n_tup_del", "n_tup_hot_upd")
+# The rows a statement writes; HOT updates are a subset of n_tup_upd, never added twice.
+WRITE_COUNTERS = ("n_tup_ins", "n_tup_upd", "n_tup_del")
+SMOOTHING = 5  # samples on each side (±2.5 s) in the chart's averaged throughput line
+CHANNEL_GAUGES = ("sendd_channel_used", "sendd_channel_capacity")
+
+
+# --- figures -----------------------------------------------------------------------------------
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile (0..100) with linear interpolation between ranks, None if empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def latency_summary(latencies_ms: Sequence[float]) -> dict[str, Any]:
+    """count, p50/p90/p99 and max, in ms, rounded to 0.1 ms (None when there are none)."""
+    summary: dict[str, Any] = {"count": len(latencies_ms)}
+    for q in PERCENTILES:
+        value = percentile(latencies_ms, q)
+        summary[f"p{q}_ms"] = None if value is None else round(value, 1)
+    summary["max_ms"] = round(max(latencies_ms), 1) if latencies_ms else None
+    return summary
+
+
+def time_at(series: Sequence[Mapping[str, float]], done: float) -> float | None:
+    """When the done count reached `done`, interpolated between the samples around it."""
+    previous = None
+    for point in series:
+        if point["done"] >= done:
+            if previous is None or point["done"] == previous["done"]:
+                return point["t"]
+            share = (done - previous["done"]) / (point["done"] - previous["done"])
+            return previous["t"] + share * (point["t"] - previous["t"])
+        previous = point
+    return None
+
+
+def sustained_rate(series: Sequence[Mapping[str, float]], total: int,
+                   low: float = 0.1, high: float = 0.9) -> dict[str, Any]:
+    """The rate between `low` and `high` shares of `total` done: start-up and tail excluded."""
+    start, end = time_at(series, total * low), time_at(series, total * high)
+    rate = None
+    if start is not None and end is not None and end > start:
+        rate = round(total * (high - low) / (end - start), 1)
+    return {"msgs_per_s": rate, "from_s": _rounded(start, 3), "to_s": _rounded(end, 3)}
+
+
+def with_end(series: Sequence[Mapping[str, Any]], end_t: float) -> list[dict[str, Any]]:
+    """The samples with the exact moment the last message was done put in (the database
+    stamps it): the samples come every 0.5 s, so the last one can be up to that late."""
+    points = [dict(p) for p in series]
+    if len(points) >= 2 and points[-2]["t"] < end_t < points[-1]["t"]:
+        points.insert(-1, {**points[-1], "t": round(end_t, 3)})
+    return points
+
+
+def with_throughput(series: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of the samples with `throughput`: messages done per second since the previous one."""
+    result: list[dict[str, Any]] = []
+    for point in series:
+        rate = 0.0
+        if result and point["t"] > result[-1]["t"]:
+            rate = (point["done"] - result[-1]["done"]) / (point["t"] - result[-1]["t"])
+        result.append({**point, "throughput": round(rate, 1)})
+    return result
+
+
+def moving_average(values: Sequence[float], half_width: int) -> list[float]:
+    """Each value averaged with up to `half_width` neighbours on each side (the chart's smoothed
+    rate: one 0.5 s sample holds only a few batches, so the raw rate jumps between multiples
+    of them). Centred, so that the smoothed line does not lag behind the samples."""
+    averaged = []
+    for i in range(len(values)):
+        window = values[max(0, i - half_width):i + half_width + 1]
+        averaged.append(sum(window) / len(window))
+    return averaged
+
+
+def parse_channels(metrics_text: str) -> dict[str, list[float]]:
+    """{channel: [used, capacity]} from a daemon's /metrics (sendd.metrics.StateCollector)."""
+    channels: dict[str, list[float]] = {}
+    try:
+        for family in text_string_to_metric_families(metrics_text):
+            if family.name in CHANNEL_GAUGES:
+                slot = CHANNEL_GAUGES.index(family.name)
+                for sample in family.samples:
+                    channel = sample.labels.get("channel", "")
+                    channels.setdefault(channel, [0.0, 0.0])[slot] = sample.value
+    except ValueError:  # a truncated scrape: keep what was read, the next sample will do
+        pass
+    return channels
+
+
+def channel_fill(daemons: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """Per channel, used / capacity summed over the daemons (a fraction, 0..1)."""
+    used: dict[str, float] = {}
+    capacity: dict[str, float] = {}
+    for daemon in daemons:
+        for channel, (n, cap) in (daemon.get("channels") or {}).items():
+            used[channel] = used.get(channel, 0.0) + n
+            capacity[channel] = capacity.get(channel, 0.0) + cap
+    return {ch: round(used[ch] / capacity[ch], 4) for ch in sorted(used) if capacity[ch] > 0}
+
+
+def db_writes(before: Mapping[str, Any], after: Mapping[str, Any], messages: int, *,
+              bench_rows: int = 0, bench_xacts: int = 0) -> dict[str, Any]:
+    """Database work per message between two statistics snapshots.
+
+    A snapshot is {"tables": {name: {n_tup_ins, n_tup_upd, n_tup_del, n_tup_hot_upd}},
+    "xact_commit", "wal_records", "wal_bytes"}. `bench_rows` and `bench_xacts` are the
+    harness's own inserts and transactions in between (transactional messages, sampling
+    queries); they are subtracted so the per-message figures are the daemons' work.
+    """
+    tables = {}
+    for name, counters in after["tables"].items():
+        old = before["tables"].get(name, {})
+        delta = {c: counters.get(c, 0) - old.get(c, 0) for c in TUPLE_COUNTERS}
+        if any(delta.values()):
+            tables[name] = delta
+    rows = sum(t[c] for t in tables.values() for c in WRITE_COUNTERS) - bench_rows
+    xacts = after["xact_commit"] - before["xact_commit"] - bench_xacts
+    wal_records = _delta(before, after, "wal_records")
+    wal_bytes = _delta(before, after, "wal_bytes")
+    return {
+        "tables": tables, "messages": messages, "rows_written": rows, "transactions": xacts,
+        "wal_records": wal_records, "wal_bytes": wal_bytes,
+        "bench_rows_subtracted": bench_rows, "bench_xacts_subtracted": bench_xacts,
+        "rows_per_message": _per(rows, messages, 3),
+        "transactions_per_message": _per(xacts, messages, 4),
+        "wal_records_per_message": _per(wal_records, messages, 2),
+        "wal_bytes_per_message": _per(wal_bytes, messages, 1),
+    }
+
+
+def summarize_statuses(rows: Iterable[Mapping[str, Any]],
+                       rejected_expected: int) -> dict[str, Any]:
+    """Outcome figures from rows of (transactional, reject_share, status, count, segments):
+    the message table grouped once, after the run."""
+    statuses: dict[str, int] = {}
+    transactional: dict[str, int] = {}
+    rejected_failed = accepted_segments = 0
+    for row in rows:
+        status, count = row["status"], row["count"]
+        statuses[status] = statuses.get(status, 0) + count
+        if row["transactional"]:
+            transactional[status] = transactional.get(status, 0) + count
+        if row["reject_share"] and status == "failed":
+            rejected_failed += count
+        if status in ACCEPTED:
+            accepted_segments += row["segments"]
+    return {
+        "statuses": statuses, "transactional_statuses": transactional,
+        "lost": sum(n for s, n in statuses.items() if s not in FINAL),
+        "unknown": statuses.get("unknown", 0),
+        "db_sent": sum(statuses.get(s, 0) for s in ACCEPTED),
+        "accepted_segments": accepted_segments,
+        "rejected_expected": rejected_expected, "rejected_failed": rejected_failed,
+    }
+
+
+def problems_of(outcome: Mapping[str, Any], exit_codes: Sequence[int | None]) -> list[str]:
+    """What broke a guarantee (or the run), one phrase each; empty when all is well."""
+    problems = []
+    if outcome["duplicates"]:
+        problems.append(f"{outcome['duplicates']} references sent twice to the provider")
+    if outcome["lost"]:
+        unfinished = ", ".join(f"{s}: {n}" for s, n in sorted(outcome["statuses"].items())
+                               if s not in FINAL)
+        problems.append(f"{outcome['lost']} messages lost or unfinished ({unfinished})")
+    if outcome["provider_accepted"] != outcome["db_sent"]:
+        problems.append(f"the provider accepted {outcome['provider_accepted']} messages, the "
+                        f"database has {outcome['db_sent']} sent")
+    if outcome["ledger_debited"] != outcome["accepted_segments"]:
+        problems.append(f"the ledger debited {outcome['ledger_debited']} credits for "
+                        f"{outcome['accepted_segments']} accepted segments")
+    for number, code in enumerate(exit_codes, 1):
+        if code != 0:
+            problems.append(f"daemon {number} exited {code} after SIGTERM")
+    return problems
+
+
+def ratio(part: float | None, whole: float | None) -> float | None:
+    if part is None or not whole:
+        return None
+    return round(part / whole, 3)
+
+
+def _delta(before: Mapping[str, Any], after: Mapping[str, Any], key: str) -> int | None:
+    if before[key] is None or after[key] is None:  # not collected (no pg_stat_wal)
+        return None
+    return after[key] - before[key]
+
+
+def _per(amount: float | None, messages: int, digits: int) -> float | None:
+    return round(amount / messages, digits) if messages and amount is not None else None
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+# --- the Markdown summary ------------------------------------------------------------------------
+
+def markdown(report: Mapping[str, Any]) -> str:
+    """The short human summary of report.json: the scenario, one table of figures, the verdict."""
+    lines = [f"# sendd benchmark, {report['date']}", "", _scenario_line(report), "",
+             "| figure | value |", "|---|---|"]
+    lines += [f"| {label} | {value} |" for label, value in _figure_rows(report)]
+    lines += ["", *_table_rows(report["db_writes"]), "", _machine_line(report["machine"]),
+              "", f"Command: `{report['command']}`", "", _verdict(report)]
+    return "\n".join(lines) + "\n"
+
+
+def _scenario_line(report: Mapping[str, Any]) -> str:
+    s = report["scenario"]
+    mode = (f"single-message requests, {s['batch_size']} at a time under one mark" if s["single"]
+            else f"batches of {s['batch_size']}")
+    return (f"Scenario: {s['messages']:,} messages in {s['campaigns']} campaign(s) of "
+            f"{s['tenants']} tenant(s); {s['daemons']} daemon(s), {mode}, "
+            f"{s['senders']} senders, claim chunk {s['claim_chunk']}; fake provider "
+            f"{s['latency_ms']:g} ms latency (+0..{s['jitter_ms']:g} ms jitter), "
+            f"429 {_pct(s['error_429'])}, 503 {_pct(s['error_503'])}, "
+            f"rejected {_pct(s['reject'])}; transactional {s['transactional']:g}/s; "
+            f"durable PostgreSQL; seed {s['seed']}.")
+
+
+def _figure_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
+    run, out, writes = report["run"], report["outcome"], report["db_writes"]
+    ceiling = report.get("ceiling")
+    tx = report["transactional"]
+    load = report["load"]
+    return [
+        ("sustained throughput (10% to 90% done)", _rate(run["sustained"]["msgs_per_s"])),
+        ("overall throughput", f"{_rate(run['msgs_per_s'])} ({run['messages']:,} messages "
+                               f"in {run['wall_s']:.2f} s)"),
+        ("wall time, daemon start to last message done", f"{run['wall_s']:.2f} s"),
+        ("bare-PostgreSQL ceiling", _ceiling_text(ceiling)),
+        ("sustained / ceiling", _fmt(report.get("ratio"), "{:.2f}")),
+        ("transactional latency p50 / p90 / p99 / max", _latency_text(tx)),
+        ("peak RSS per daemon", ", ".join(f"{d['peak_rss_kb'] / 1024:.0f} MiB"
+                                          for d in report["daemons"]) or "n/a"),
+        ("rows written per message", _fmt(writes["rows_per_message"], "{:.2f}")),
+        ("transactions per message", _fmt(writes["transactions_per_message"], "{:.4f}")),
+        ("WAL per message", _wal_text(writes)),
+        ("duplicates (provider)", f"{out['duplicates']:,}"),
+        ("lost or unfinished", f"{out['lost']:,}"),
+        ("provider accepted / database sent", f"{out['provider_accepted']:,} / "
+                                              f"{out['db_sent']:,}"),
+        ("rejected: expected / failed in the database", f"{out['rejected_expected']:,} / "
+                                                        f"{out['rejected_failed']:,}"),
+        ("load (not counted)", f"{load['messages']:,} rows in {load['insert_s']:.1f} s, "
+                               f"VACUUM ANALYZE {load['vacuum_analyze_s']:.1f} s"),
+    ]
+
+
+def _table_rows(writes: Mapping[str, Any]) -> list[str]:
+    rows = ["| table | inserted | updated (HOT) | deleted |", "|---|---|---|---|"]
+    for name, d in sorted(writes["tables"].items()):
+        rows.append(f"| {name} | {d['n_tup_ins']:,} | {d['n_tup_upd']:,} "
+                    f"({d['n_tup_hot_upd']:,}) | {d['n_tup_del']:,} |")
+    return rows
+
+
+def _machine_line(machine: Mapping[str, Any]) -> str:
+    return (f"Machine: {machine['nproc']} CPUs ({machine['cpu_model']}), "
+            f"{machine['memory_gib']:.1f} GiB, Linux {machine['kernel']}, "
+            f"Python {machine['python']}, PostgreSQL {machine['postgresql']}; load average "
+            f"{machine['loadavg_start']} at the start, {machine['loadavg_end']} at the end.")
+
+
+def _verdict(report: Mapping[str, Any]) -> str:
+    if report["ok"]:
+        return "Result: **OK** (every message done, 0 duplicates, 0 lost)."
+    return "Result: **FAILED**: " + "; ".join(report["problems"]) + "."
+
+
+def _ceiling_text(ceiling: Mapping[str, Any] | None) -> str:
+    if not ceiling:
+        return "not measured"
+    if "error" in ceiling:
+        return f"failed: {ceiling['error']}"
+    return (f"{_rate(ceiling['msgs_per_s'])} ({ceiling['connections']} connection(s), "
+            f"claims of {ceiling['claim_size']}, {ceiling['rows']:,} rows)")
+
+
+def _wal_text(writes: Mapping[str, Any]) -> str:
+    if writes["wal_bytes_per_message"] is None:
+        return "n/a (no pg_stat_wal before PostgreSQL 14)"
+    return (f"{writes['wal_bytes_per_message']:,.0f} bytes "
+            f"({writes['wal_records_per_message']:.1f} records)")
+
+
+def _latency_text(tx: Mapping[str, Any]) -> str:
+    if not tx.get("count"):
+        return "none sent"
+    values = " / ".join(_fmt(tx[k], "{:,.0f}") for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms"))
+    return f"{values} ms ({tx['count']:,} messages, enqueue to accepted by the provider)"
+
+
+def _rate(value: float | None) -> str:
+    return _fmt(value, "{:,.0f} msgs/s")
+
+
+def _fmt(value: float | None, pattern: str) -> str:
+    return "n/a" if value is None else pattern.format(value)
+
+
+def _pct(rate: float) -> str:
+    return f"{rate * 100:g}%"
+
+
+# --- files -------------------------------------------------------------------------------------
+
+def write_json(report: Mapping[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+def write_chart(series: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> None:
+    """Three stacked panels over time: throughput, backlog, channel fill (summed over daemons)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display, no GUI toolkit
+    import matplotlib.pyplot as plt
+
+    t = [p["t"] for p in series]
+    fig, (rate_ax, backlog_ax, fill_ax) = plt.subplots(3, 1, sharex=True, figsize=(10, 8))
+    try:
+        _plot_rate(rate_ax, t, [p["throughput"] for p in series])
+        backlog_ax.plot(t, [p["backlog"] for p in series], color="tab:orange")
+        backlog_ax.set_ylabel("backlog")
+        for channel in sorted({ch for p in series for ch in p.get("fill", {})}):
+            fill_ax.plot(t, [p.get("fill", {}).get(channel) for p in series], label=channel)
+        fill_ax.set_ylabel("channel fill")
+        fill_ax.set_ylim(0, 1.05)
+        if fill_ax.lines:
+            fill_ax.legend(loc="upper right", fontsize="small")
+        fill_ax.set_xlabel("seconds since the daemons started")
+        for ax in (rate_ax, backlog_ax, fill_ax):
+            ax.grid(True, alpha=0.3)
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def _plot_rate(ax: Any, t: Sequence[float], rates: Sequence[float]) -> None:
+    """The rate per sample, and for runs long enough to need it a smoothed line over it."""
+    half_width = min(SMOOTHING, len(rates) // 20)  # short runs: the samples speak for themselves
+    if half_width < 1:
+        ax.plot(t, rates, color="tab:blue")
+    else:
+        ax.plot(t, rates, color="tab:blue", alpha=0.3, linewidth=0.8, label="per sample")
+        ax.plot(t, moving_average(rates, half_width), color="tab:blue",
+                label=f"average of {2 * half_width + 1} samples")
+        ax.legend(loc="lower right", fontsize="small")
+    ax.set_ylabel("messages/s")

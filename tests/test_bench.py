@@ -1,0 +1,273 @@
+"""The load harness (load/bench.py): one small run end to end, and its pure figures.
+
+The end-to-end run starts its own PostgreSQL, fake provider and daemon, exactly as an operator
+would run it, and checks the report it writes; the unit tests check the arithmetic behind the
+figures on made-up data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from harness import env
+from sendd import migrate
+
+LOAD = Path(__file__).resolve().parents[1] / "load"
+sys.path.insert(0, str(LOAD))
+
+import bench  # noqa: E402 -- load/ is not a package
+import dataset  # noqa: E402
+import report  # noqa: E402
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# --- end to end -------------------------------------------------------------------------------
+
+def test_bench_end_to_end(tmp_path):
+    out = tmp_path / "report"
+    args = ["--messages", "20000", "--tenants", "2", "--campaigns", "3", "--transactional", "20",
+            "--ceiling-messages", "20000", "--error-429", "0.02", "--error-503", "0.02",
+            "--reject", "0.01", "--out", str(out)]
+    result = subprocess.run([sys.executable, str(LOAD / "bench.py"), *args], cwd=tmp_path,
+                            capture_output=True, text=True, env=env(), timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    figures = json.loads((out / "report.json").read_text())
+
+    outcome = figures["outcome"]
+    campaign_rows = outcome["campaigns"]
+    assert len(campaign_rows) == 3 and {c["tenant_id"] for c in campaign_rows} == {
+        "bench-1", "bench-2"}
+    assert all(c["status"] == "completed" for c in campaign_rows), campaign_rows
+    assert sum(c["total"] for c in campaign_rows) == 20_000
+    assert figures["series"][-1]["done"] == 20_000 and figures["series"][-1]["backlog"] == 0
+    assert outcome["duplicates"] == 0 and outcome["lost"] == 0, outcome
+    assert outcome["provider_accepted"] == outcome["db_sent"], outcome
+    assert outcome["rejected_expected"] == 200 == outcome["rejected_failed"], outcome
+    assert outcome["statuses"]["failed"] == 200, outcome  # the rejected ones, nothing else
+    assert figures["ok"] and figures["problems"] == []
+
+    run = figures["run"]
+    assert run["msgs_per_s"] > 0 and run["wall_s"] > 0
+    assert run["sustained"]["msgs_per_s"] > 0
+    assert figures["ceiling"]["msgs_per_s"] > 0
+    assert {t["connections"] for t in figures["ceiling"]["trials"]} == {1, 2}
+    assert 0 < figures["ratio"] == pytest.approx(
+        run["sustained"]["msgs_per_s"] / figures["ceiling"]["msgs_per_s"], rel=1e-2)
+
+    tx = figures["transactional"]
+    assert tx["inserted"] > 0 and tx["count"] == tx["inserted"], tx
+    assert outcome["transactional_statuses"] == {"sent": tx["inserted"]}, outcome
+    assert 0 < tx["p50_ms"] <= tx["p90_ms"] <= tx["p99_ms"] <= tx["max_ms"], tx
+
+    assert [d["exit_code"] for d in figures["daemons"]] == [0]
+    assert figures["daemons"][0]["peak_rss_kb"] > 0
+    writes = figures["db_writes"]
+    # At least a claim and an outcome per message; retries (429/503) add more.
+    assert writes["rows_per_message"] >= 2, writes
+    assert writes["transactions_per_message"] > 0 and writes["wal_bytes_per_message"] > 0
+    assert writes["tables"]["message"]["n_tup_upd"] >= 2 * 20_000, writes
+    # The retry settings for error runs, and the daemon's own pipeline defaults otherwise.
+    assert figures["config"]["retry"]["max_attempts"] == 10
+    assert figures["config"]["pipeline"]["claim_chunk"] == 1000
+
+    assert (out / "chart.png").read_bytes().startswith(PNG_SIGNATURE)
+    summary = (out / "report.md").read_text()
+    assert summary in result.stdout  # printed at the end, too
+    sustained = f"{run['sustained']['msgs_per_s']:,.0f} msgs/s"
+    for mention in (sustained, f"{figures['ceiling']['msgs_per_s']:,.0f} msgs/s",
+                    f"{figures['ratio']:.2f}", f"{tx['p50_ms']:,.0f} / ",
+                    "| duplicates (provider) | 0 |", "| lost or unfinished | 0 |",
+                    "Result: **OK**"):
+        assert mention in summary, (mention, summary)
+
+
+@pytest.mark.parametrize("argv, mention", [
+    (["--tenants", "2", "--campaigns", "1"], "--campaigns (1) must be at least --tenants (2)"),
+    (["--reject", "1.5"], "argument --reject: must be between 0 and 1"),
+    (["--messages", "lots"], "argument --messages: not an integer"),
+    (["--batch-size", "0"], "argument --batch-size: must be between 1 and 1,000"),
+    (["--error-429", "nan"], "argument --error-429: must be between 0 and 1"),
+])
+def test_bad_arguments_get_one_line_and_exit_2(argv, mention, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and mention in err, err
+
+
+def test_defaults():
+    args = bench.parse_args(["--messages", "500000"])
+    assert (args.messages, args.tenants, args.campaigns, args.daemons) == (500_000, 1, 1, 1)
+    assert args.ceiling_messages == 200_000 and args.batch_size == 1000
+    assert args.out.parent == LOAD / "reports"
+    settings = bench.daemon_settings(args)
+    assert settings["account"] == {"max_batch": 1000, "single": False, "timeout": 10.0}
+    assert settings["retry"]["base_delay"] == 3.0  # no provider errors: the daemon's retries
+    single = bench.daemon_settings(bench.parse_args(["--single", "--error-503", "0.1"]))
+    assert single["account"]["single"] is True and single["retry"]["base_delay"] == 0.5
+    assert single["account"]["max_batch"] == bench.SINGLE_GROUP
+
+
+# --- the pure figures ---------------------------------------------------------------------------
+
+def test_percentiles_interpolate_between_ranks():
+    values = [40.0, 10.0, 30.0, 20.0]  # unsorted on purpose
+    assert report.percentile(values, 0) == 10.0
+    assert report.percentile(values, 50) == 25.0
+    assert report.percentile(values, 90) == pytest.approx(37.0)
+    assert report.percentile(values, 100) == 40.0
+    assert report.percentile([7.0], 99) == 7.0
+    assert report.percentile([], 50) is None
+    summary = report.latency_summary([float(v) for v in range(1, 101)])
+    assert summary == {"count": 100, "p50_ms": 50.5, "p90_ms": 90.1, "p99_ms": 99.0,
+                       "max_ms": 100.0}
+    assert report.latency_summary([])["p99_ms"] is None
+
+
+def _series(*points):
+    return [{"t": t, "done": done, "backlog": 1000 - done} for t, done in points]
+
+
+def test_sustained_rate_is_interpolated_between_samples():
+    # 100 done at t=1, then 800 more over 4 s: 10% (100) at t=1, 90% (900) at t=5.
+    series = _series((0, 0), (1, 100), (3, 500), (5, 900), (6, 1000))
+    assert report.time_at(series, 300) == 2.0
+    assert report.sustained_rate(series, 1000) == {"msgs_per_s": 200.0, "from_s": 1.0,
+                                                   "to_s": 5.0}
+    # Crossings inside an interval: 10% at 0.5 s, 90% at 1.25 s of (0, 0) -> (1.5, 1200)...
+    coarse = _series((0, 0), (1.5, 1000))
+    assert report.sustained_rate(coarse, 1000)["msgs_per_s"] == pytest.approx(666.7, abs=0.1)
+    # Never reached: no rate rather than a made-up one.
+    assert report.sustained_rate(_series((0, 0), (1, 50)), 1000)["msgs_per_s"] is None
+
+
+def test_throughput_and_the_exact_end():
+    series = report.with_end(_series((0, 0), (0.5, 400), (1.0, 1000)), 0.8)
+    assert [p["t"] for p in series] == [0, 0.5, 0.8, 1.0]
+    rates = [p["throughput"] for p in report.with_throughput(series)]
+    assert rates == [0.0, 800.0, 2000.0, 0.0]
+    # An end outside the last interval changes nothing.
+    assert len(report.with_end(_series((0, 0), (1.0, 1000)), 1.5)) == 2
+
+
+def test_moving_average():
+    assert report.moving_average([3.0, 6.0, 9.0, 0.0], 1) == [4.5, 6.0, 5.0, 4.5]
+    assert report.moving_average([5.0], 10) == [5.0]
+    assert report.moving_average([1.0, 2.0], 0) == [1.0, 2.0]
+
+
+def test_channel_fill_from_metrics():
+    text = ('# HELP sendd_channel_used Items buffered\n'
+            'sendd_channel_used{channel="batches"} 6.0\n'
+            'sendd_channel_used{channel="claims"} 1.0\n'
+            'sendd_channel_capacity{channel="batches"} 8.0\n'
+            'sendd_channel_capacity{channel="claims"} 4.0\n'
+            'sendd_messages_total{outcome="sent"} 5.0\n')
+    channels = report.parse_channels(text)
+    assert channels == {"batches": [6.0, 8.0], "claims": [1.0, 4.0]}
+    assert report.parse_channels("") == {} == report.parse_channels("sendd_channel_used{ 1")
+    other = {"channels": {"batches": [2.0, 8.0], "claims": [3.0, 4.0]}}
+    assert report.channel_fill([{"channels": channels}, other, {"channels": {}}]) == {
+        "batches": 0.5, "claims": 0.5}
+
+
+def _snapshot(message, submission, xacts, wal_records, wal_bytes):
+    names = ("n_tup_ins", "n_tup_upd", "n_tup_del", "n_tup_hot_upd")
+    return {"tables": {"message": dict(zip(names, message, strict=True)),
+                       "submission": dict(zip(names, submission, strict=True))},
+            "xact_commit": xacts, "wal_records": wal_records, "wal_bytes": wal_bytes}
+
+
+def test_writes_per_message():
+    before = _snapshot((1000, 0, 0, 0), (0, 0, 0, 0), 50, 10_000, 1_000_000)
+    after = _snapshot((1010, 2020, 0, 20), (10, 0, 10, 0), 150, 30_000, 3_000_000)
+    writes = report.db_writes(before, after, 1010, bench_rows=10, bench_xacts=49)
+    assert writes["tables"]["message"] == {"n_tup_ins": 10, "n_tup_upd": 2020,
+                                           "n_tup_del": 0, "n_tup_hot_upd": 20}
+    # 10 + 2020 + 10 + 10 rows, less the harness's 10 inserts; HOT updates are not added again.
+    assert writes["rows_written"] == 2040
+    assert writes["rows_per_message"] == pytest.approx(2040 / 1010, abs=1e-3)
+    assert writes["transactions"] == 51
+    assert writes["wal_bytes_per_message"] == pytest.approx(2_000_000 / 1010, abs=0.1)
+    assert report.db_writes(before, before, 0)["rows_per_message"] is None
+    no_wal = {**before, "wal_records": None, "wal_bytes": None}  # PostgreSQL 13
+    assert report.db_writes(no_wal, no_wal, 10)["wal_bytes_per_message"] is None
+
+
+def test_outcome_and_problems():
+    rows = [
+        {"transactional": False, "reject_share": False, "status": "sent", "count": 97,
+         "segments": 97},
+        {"transactional": False, "reject_share": True, "status": "failed", "count": 3,
+         "segments": 3},
+        {"transactional": True, "reject_share": False, "status": "sent", "count": 5,
+         "segments": 10},
+        {"transactional": True, "reject_share": False, "status": "queued", "count": 1,
+         "segments": 1},
+    ]
+    outcome = report.summarize_statuses(rows, rejected_expected=3)
+    assert outcome["statuses"] == {"sent": 102, "failed": 3, "queued": 1}
+    assert outcome["transactional_statuses"] == {"sent": 5, "queued": 1}
+    assert (outcome["lost"], outcome["db_sent"], outcome["accepted_segments"]) == (1, 102, 107)
+    assert outcome["rejected_failed"] == 3
+    checked = {**outcome, "duplicates": 0, "provider_accepted": 102, "ledger_debited": 107}
+    assert report.problems_of(checked, [0]) == ["1 messages lost or unfinished (queued: 1)"]
+    broken = {**checked, "lost": 0, "duplicates": 2, "provider_accepted": 104}
+    assert report.problems_of(broken, [0, 1]) == [
+        "2 references sent twice to the provider",
+        "the provider accepted 104 messages, the database has 102 sent",
+        "daemon 2 exited 1 after SIGTERM"]
+
+
+def test_rejections_are_spread_and_exact():
+    assert dataset.expected_rejections(20_000, 0.01) == 200
+    assert dataset.expected_rejections(10, 0.0) == 0
+    assert dataset.expected_rejections(10, 1.0) == 10
+    assert dataset.campaign_tenants(5, ["a", "b"]) == ["a", "b", "a", "b", "a"]
+
+
+def test_loading_messages(database_url):
+    """dataset.insert_messages in chunks: counts, campaign totals (the schema's trigger), the
+    reject share and valid-looking recipients."""
+    async def load() -> tuple[list, list]:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await migrate.migrate(conn)
+            for tenant in ("t1", "t2"):
+                await conn.execute("INSERT INTO sendd.tenant (id) VALUES ($1)", tenant)
+            campaigns = await dataset.create_campaigns(conn, ["t1", "t2", "t1"])
+            await dataset.insert_messages(conn, "sendd.message", 1001, campaigns,
+                                          reject_rate=0.07, chunk=300)
+            totals = await conn.fetch("SELECT tenant_id, total FROM sendd.campaign ORDER BY id")
+            rows = await conn.fetch(
+                "SELECT recipient LIKE '+99%' AS rejected, count(*), min(length(recipient)), "
+                "count(DISTINCT recipient) AS distinct FROM sendd.message GROUP BY 1 ORDER BY 1")
+            return totals, rows
+        finally:
+            await conn.close()
+
+    totals, rows = asyncio.run(load())
+    assert [(r["tenant_id"], r["total"]) for r in totals] == [("t1", 334), ("t2", 334),
+                                                              ("t1", 333)]
+    assert [(r["rejected"], r["count"], r["distinct"]) for r in rows] == [
+        (False, 1001 - 70, 1001 - 70), (True, 70, 70)]
+    assert rows[0]["min"] == len("+306900000000")
+
+
+def test_chart_is_a_png(tmp_path):
+    for samples in (11, 200):  # short runs plot the samples only, long ones smooth them too
+        points = [{"t": t / 2, "done": 10 * t, "backlog": 2000 - 10 * t,
+                   "fill": {"claims": t / samples, "batches": 0.5}} for t in range(samples)]
+        path = tmp_path / f"chart-{samples}.png"
+        report.write_chart(report.with_throughput(points), path, "test")
+        assert path.read_bytes().startswith(PNG_SIGNATURE)
