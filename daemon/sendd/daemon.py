@@ -21,7 +21,7 @@ import triopg
 from sendd import leases, migrate
 from sendd.actors.batcher import run_batcher
 from sendd.actors.express import EXPRESS_CAPACITY, EXPRESS_SENDERS, run_express_poller
-from sendd.actors.poller import run_poller
+from sendd.actors.poller import CAMPAIGN_POLLERS, run_poller
 from sendd.actors.reaper import run_heartbeat, run_reaper
 from sendd.actors.sender import LeaseLost, run_sender
 from sendd.actors.settler import LOOKUP_CONCURRENCY, run_settler
@@ -47,7 +47,10 @@ async def run_daemon(config: Config, *, ready: trio.Event | None = None,
                      drain: trio.Event | None = None) -> int:
     """Run until SIGTERM/SIGINT (or `drain` is set); returns the process exit code."""
     pipeline = config.pipeline
-    pool_size = max(config.database.pool_size, pipeline.senders + EXPRESS_SENDERS + 7)
+    # Senders, express senders, pollers, express poller, writer, heartbeat, reaper, settler,
+    # the metrics refresh, and one spare.
+    pool_size = max(config.database.pool_size,
+                    pipeline.senders + EXPRESS_SENDERS + CAMPAIGN_POLLERS + 7)
     try:
         pool_cm = triopg.create_pool(config.database.url, min_size=2, max_size=pool_size,
                                      timeout=config.database.connect_timeout)
@@ -246,7 +249,11 @@ async def _run_pipeline(runtime: Runtime, supervisor: Supervisor, drain: trio.Ev
         await express_recv.aclose()
         await results_send.aclose()
         async with trio.open_nursery() as intake:
-            await start(intake, "poller", run_poller, claims_send)
+            await start(intake, "poller", run_poller, claims_send.clone())
+            for number in range(2, CAMPAIGN_POLLERS + 1):
+                await start(intake, f"poller-{number}", functools.partial(run_poller, lead=False),
+                            claims_send.clone())
+            await claims_send.aclose()  # the pollers' clones keep the channel open
             await start(intake, "express", run_express_poller, express_send)
             await start(intake, "reaper", run_reaper, unsettled_send)
             on_ready()

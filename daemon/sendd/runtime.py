@@ -60,8 +60,11 @@ class Runtime:
     # Trio time until which this instance's lease surely lasts (kept by the heartbeat).
     lease_valid_until: float = 0.0
     # Set to wake the poller early (new work was queued, a pause was lifted).
+    # Set (and replaced) by wake_poller: a poller takes the current event before it claims and
+    # waits on that one, so a NOTIFY that came during its claim is not missed.
     wakeup: trio.Event = field(default_factory=trio.Event)
-    express_wakeup: trio.Event = field(default_factory=trio.Event)  # the express poller's
+    # Each tenant's budget as the last claim read it: which claim slots the next claim takes.
+    budgets: dict[str, int] = field(default_factory=dict)
     # --- read by the control socket (sendd.control); daemon.py fills these in -------------
     # Operator pause of everything: the poller claims nothing while it is set.
     paused_all: bool = False
@@ -106,7 +109,7 @@ class Runtime:
 
     def wake_poller(self) -> None:
         self.wakeup.set()
-        self.express_wakeup.set()
+        self.wakeup = trio.Event()
 
     @contextmanager
     def working(self, actor: str) -> Iterator[None]:

@@ -16,7 +16,7 @@ import trio
 
 from sendd.actors.batcher import group_by_destination
 from sendd.actors.poller import claim_due
-from sendd.db import keep_connected
+from sendd.db import CONNECTION_ERRORS, keep_connected
 from sendd.model import Batch
 from sendd.runtime import Runtime
 
@@ -29,23 +29,37 @@ async def run_express_poller(
     batches: trio.MemorySendChannel[Batch],
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Claim transactional messages until cancelled; closes `batches` when done. Woken by the
-    campaign poller's NOTIFY listener (Runtime.wake_poller), with the poll interval as a floor."""
+    """Claim transactional messages until cancelled; closes `batches` when done.
+
+    It listens for NOTIFY on its own connection: PostgreSQL delivers a notification only to a
+    connection that is idle, and the campaign pollers' are busy claiming most of the time."""
     interval = runtime.config.pipeline.poll_interval
+    wakeup = trio.Event()
+
+    def on_notify(*_: object) -> None:
+        wakeup.set()
 
     async def session(conn: Any) -> None:
-        nonlocal task_status
-        task_status.started()
-        task_status = trio.TASK_STATUS_IGNORED  # ready once, not on every reconnect
-        while True:
-            with runtime.working("express"):
-                runtime.express_wakeup = trio.Event()
-                claim = await claim_due(conn, runtime, campaigns=False)
-            for batch in express_batches(runtime, claim.messages):
-                await batches.send(batch)
-            if not claim.messages:
-                with trio.move_on_after(interval):
-                    await runtime.express_wakeup.wait()
+        nonlocal task_status, wakeup
+        await conn.add_listener("sendd_queued", on_notify)
+        try:
+            task_status.started()
+            task_status = trio.TASK_STATUS_IGNORED  # ready once, not on every reconnect
+            while True:
+                wakeup = trio.Event()  # before the claim: a NOTIFY during it is not missed
+                with runtime.working("express"):
+                    claim = await claim_due(conn, runtime, campaigns=False)
+                for batch in express_batches(runtime, claim.messages):
+                    await batches.send(batch)
+                if not claim.messages:
+                    with trio.move_on_after(interval):
+                        await wakeup.wait()
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    await conn.remove_listener("sendd_queued", on_notify)
+                except CONNECTION_ERRORS:
+                    pass  # the connection is gone, and its listener with it
 
     async with batches:
         await keep_connected(runtime, "express", session)

@@ -33,20 +33,33 @@ WHERE t.active AND NOT (t.id = ANY($1::text[])) AND EXISTS (
     WHERE m.tenant_id = t.id AND m.campaign_id IS NULL AND m.status = 'queued')
 """
 
-# Claimers of the same tenant take turns (in tenant id order, so they cannot deadlock): two
-# daemons reading the same budget at once could both spend it. An advisory lock, not a row
-# lock on the tenant, because the writer's trigger locks that row for every flush and must
-# not wait for a claim in progress. Volatile calls are evaluated after the sort.
-CLAIM_LOCK_SPACE = 0x434C4149  # "CLAI": the first key of the claim locks (two-key form)
-LOCK_TENANTS = """
-SELECT pg_advisory_xact_lock($2::int, hashtext(t.id))
-FROM unnest($1::text[]) AS t(id) ORDER BY t.id
+# Claimers of one tenant must not spend the same budget twice, yet one claimer at a time
+# caps a daemon at one claim statement's speed. So a tenant has CLAIM_SLOTS claim slots
+# (sendd.lock_claim_slots, migration 0003): with a budget of at least CLAIM_SLOTS shares, a
+# claimer takes any one slot and spends at most one share; with less, it takes every slot and
+# spends the exact budget alone. Advisory locks, not a row lock on the tenant, because the
+# writer's trigger locks that row for every flush and must not wait for a claim in progress.
+CLAIM_SLOTS = 3  # a daemon's two campaign pollers and its express poller
+# One share, in segments: the same for every daemon (a daemon spending a larger share than its
+# peers assume could overspend), and larger than any claim needs, so it never limits a claim;
+# tenants with less than CLAIM_SLOTS shares left are claimed one claimer at a time.
+CLAIM_SHARE = 100_000
+CLAIM_LOCK_SPACE = 0x434C4149  # "CLAI": first key of the slot locks (two-key form, + slot)
+# The claim transaction does not wait for its commit to reach the disk (synchronous_commit off
+# for this transaction only): nothing claimed is sent before its submission mark commits, which
+# is synchronous, and WAL is flushed in order, so the mark's flush makes the claim durable too;
+# a crash before that loses a claim of messages nobody sent, which are simply queued again.
+# That spares every claim an fsync wait, the express lane's included. (In this statement to
+# save a round trip.)
+LOCK_SLOTS = """
+SELECT sendd.lock_claim_slots($1::text[], $2::boolean[], $3, $4),
+       set_config('synchronous_commit', 'off', true)
 """
 
 # What each tenant can still pay for: credits minus the segments of messages in flight. Read
-# in its own statement after the lock, so its snapshot includes the previous claimer's commit;
-# credits and in-flight rows change together in every writer commit, so their difference is
-# consistent in any one snapshot.
+# after the slot locks, in its own statement, so its snapshot includes the previous claimers'
+# commits; credits and in-flight rows change together in every writer commit, so their
+# difference is consistent in any one snapshot.
 TENANT_BUDGETS = """
 SELECT t.id, t.credits - coalesce((
     SELECT sum(m.segments) FROM sendd.message m
@@ -138,17 +151,40 @@ async def claim_due(conn: Any, runtime: Runtime, *, campaigns: bool = True,
         tenants = sorted({r["tenant_id"] for r in campaign_rows} | set(urgent_tenants))
         if not tenants or not accounts:
             return Claim([], {})
-        await conn.execute(LOCK_TENANTS, tenants, CLAIM_LOCK_SPACE)
-        budgets = {r["id"]: r["budget"] for r in await conn.fetch(TENANT_BUDGETS, tenants)}
+        share = CLAIM_SHARE
+        # One slot or all of them, by the budget this daemon saw last (a tenant it has not seen
+        # yet is claimed alone once): a guess only, the budget is read again under the locks.
+        alone = [runtime.budgets.get(t, 0) < CLAIM_SLOTS * share for t in tenants]
+        await conn.execute(LOCK_SLOTS, tenants, alone, CLAIM_SLOTS, CLAIM_LOCK_SPACE)
+        budgets = await _budgets(conn, tenants)
+        runtime.budgets.update(budgets)
+        spendable = [spendable_budget(budgets.get(t, 0), share, exclusive)
+                     for t, exclusive in zip(tenants, alone, strict=True)]
         per_campaign = math.ceil(chunk / max(1, len(campaign_rows)))
         rows = await conn.fetch(
-            CLAIM, list(budgets), list(budgets.values()), [r["id"] for r in campaign_rows],
+            CLAIM, tenants, spendable, [r["id"] for r in campaign_rows],
             per_campaign, urgent_tenants, accounts, chunk, runtime.instance_id,
         )
     messages = [Message(*row) for row in rows]
     claimed_tenants = {m.tenant_id for m in messages}
     unserved = {t: b for t, b in budgets.items() if t not in claimed_tenants}
     return Claim(messages, unserved)
+
+
+async def _budgets(conn: Any, tenants: list[str]) -> dict[str, int]:
+    return {r["id"]: r["budget"] for r in await conn.fetch(TENANT_BUDGETS, tenants)}
+
+
+def spendable_budget(budget: int, share: int, exclusive: bool) -> int:
+    """What one claim may spend of a tenant's budget (read after taking its claim slots).
+
+    Alone (every slot): all of it. In one slot: one share, and only while the budget still
+    covers a share for every slot; once it does not, nothing this time, and the next claim
+    takes every slot.
+    """
+    if exclusive:
+        return budget
+    return share if budget >= CLAIM_SLOTS * share else 0
 
 
 async def pause_starved(conn: Any, runtime: Runtime, unserved: dict[str, int]) -> None:
@@ -169,46 +205,57 @@ async def pause_starved(conn: Any, runtime: Runtime, unserved: dict[str, int]) -
             runtime.log.warning("campaign_paused", campaign=row["id"], tenant=tenant, reason=reason)
 
 
+# Campaign pollers per daemon: while one waits for its claim statement, the other's can run
+# (the claim is the pipeline's bottleneck, and PostgreSQL runs each on its own backend).
+CAMPAIGN_POLLERS = 2
+
+
 async def run_poller(
     runtime: Runtime,
     claims: trio.MemorySendChannel[list[Message]],
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    *,
+    lead: bool = True,
 ) -> None:
-    """Claim until cancelled (drain cancels this actor first); closes `claims` when done."""
+    """Claim campaign messages until cancelled (drain cancels this actor first); closes `claims`
+    when done. The lead poller also listens for NOTIFY and does the housekeeping."""
     interval = runtime.config.pipeline.poll_interval
+    name = "poller" if lead else "poller-2"
 
     def on_notify(*_: object) -> None:
         runtime.wake_poller()
 
     async def session(conn: Any) -> None:
         nonlocal task_status
-        await conn.add_listener("sendd_queued", on_notify)
+        if lead:
+            await conn.add_listener("sendd_queued", on_notify)
         try:
             task_status.started()
             task_status = trio.TASK_STATUS_IGNORED  # ready once, not on every reconnect
-            await _claim_forever(runtime, conn, claims, interval)
+            await _claim_forever(runtime, conn, claims, interval, name, lead)
         finally:
-            with trio.CancelScope(shield=True):
-                try:
-                    await conn.remove_listener("sendd_queued", on_notify)
-                except CONNECTION_ERRORS:
-                    pass  # the connection is gone, and its listener with it
+            if lead:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await conn.remove_listener("sendd_queued", on_notify)
+                    except CONNECTION_ERRORS:
+                        pass  # the connection is gone, and its listener with it
 
     async with claims:
-        await keep_connected(runtime, "poller", session)
+        await keep_connected(runtime, name, session)
 
 
 async def _claim_forever(runtime: Runtime, conn: Any, claims: trio.MemorySendChannel,
-                         interval: float) -> None:
+                         interval: float, name: str, lead: bool) -> None:
     """Claim, hand over, and wait for work (NOTIFY or the poll interval) when there is none."""
-    next_housekeeping = 0.0
+    next_housekeeping = 0.0 if lead else float("inf")
     while True:
-        with runtime.working("poller"):
+        wakeup = runtime.wakeup  # before the claim: a NOTIFY during it is not missed
+        with runtime.working(name):
             housekeeping = trio.current_time() >= next_housekeeping
             if housekeeping:
                 await housekeep(conn, runtime)
                 next_housekeeping = trio.current_time() + HOUSEKEEPING_INTERVAL
-            runtime.wakeup = trio.Event()
             # Transactional messages take the express lane (sendd.actors.express).
             claim = await claim_due(conn, runtime, transactional=False)
             if housekeeping and claim.unserved:
@@ -217,7 +264,7 @@ async def _claim_forever(runtime: Runtime, conn: Any, claims: trio.MemorySendCha
             await claims.send(claim.messages)
             continue  # more may be due right away
         with trio.move_on_after(interval):
-            await runtime.wakeup.wait()
+            await wakeup.wait()
 
 
 async def housekeep(conn: Any, runtime: Runtime) -> None:

@@ -1,0 +1,33 @@
+-- Claim slots: up to `slots` claims of one tenant's messages may run at once (several pollers,
+-- several daemons), each spending at most an equal share of a budget that was at least
+-- `slots` shares when it was read, so together they can never overspend. A tenant with less
+-- budget than that is claimed by one claimer holding every slot, against its exact budget.
+--
+-- Locks are taken tenant by tenant in the order given (the caller sorts) and, within a tenant,
+-- slot by slot; try-locks never wait, so every wait is in that one global order: no deadlock.
+-- (Transaction-level advisory locks, two-key form: (first_key + slot, hashtext(tenant)).)
+CREATE FUNCTION sendd.lock_claim_slots(tenants text[], exclusive boolean[], slots integer,
+                                       first_key integer) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    i integer;
+    slot integer;
+    got boolean;
+BEGIN
+    FOR i IN 1 .. coalesce(array_length(tenants, 1), 0) LOOP
+        IF exclusive[i] THEN
+            FOR slot IN 0 .. slots - 1 LOOP
+                PERFORM pg_advisory_xact_lock(first_key + slot, hashtext(tenants[i]));
+            END LOOP;
+        ELSE
+            got := false;
+            FOR slot IN 0 .. slots - 1 LOOP
+                got := pg_try_advisory_xact_lock(first_key + slot, hashtext(tenants[i]));
+                EXIT WHEN got;
+            END LOOP;
+            IF NOT got THEN  -- every slot busy: wait for the first
+                PERFORM pg_advisory_xact_lock(first_key, hashtext(tenants[i]));
+            END IF;
+        END IF;
+    END LOOP;
+END $$;
