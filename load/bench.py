@@ -43,8 +43,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ import ceiling  # noqa: E402 -- these need the path set-up above
 import dataset  # noqa: E402
 import report  # noqa: E402
 from harness import Daemon, FakeProvider, setup_database, write_config  # noqa: E402
+from sendd import interrupts  # noqa: E402
 from sendd.config import PipelineConfig, RetryConfig  # noqa: E402
 from sendd.pgserver import PrivatePostgres, ServerError, free_port, log_tail  # noqa: E402
 
@@ -265,13 +266,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"load/bench.py: error: --out {args.out}: {error.strerror}", file=sys.stderr)
         return 2
     try:
-        with _stop_signals_interrupt():
+        with interrupts.stop_signals_interrupt():
             figures = run_bench(args)
     except KeyboardInterrupt:
         print("bench: interrupted; everything it started is stopped", file=sys.stderr)
         return 130
     except (BenchFailed, ServerError) as error:
-        if _during_interrupt(error):  # e.g. the cleanup of a PostgreSQL start cut short
+        if interrupts.during_interrupt(error):  # e.g. the cleanup of a PostgreSQL start cut short
             print("bench: interrupted; everything it started is stopped", file=sys.stderr)
             return 130
         print(f"bench: {error}", file=sys.stderr)
@@ -314,7 +315,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     try:
         return _run(stack, args)
     finally:
-        _unwind(stack)
+        interrupts.unwind(stack, "bench")
 
 
 def _run(stack: ExitStack, args: argparse.Namespace) -> dict[str, Any]:
@@ -451,46 +452,6 @@ def _stop_fleet(fleet: Fleet) -> None:
         except subprocess.TimeoutExpired:
             daemon.stop()  # a second SIGTERM stops it at once; then SIGKILL
     say("daemons stopped")
-
-
-def _unwind(stack: ExitStack) -> None:
-    """Stop daemons, provider and PostgreSQL, with stop signals held off meanwhile, so an
-    impatient second Ctrl-C cannot leave a server running."""
-    held = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in held}
-    try:
-        stack.close()
-    except ServerError as error:
-        say(f"bench: stopping PostgreSQL: {error}")
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def _during_interrupt(error: BaseException) -> bool:
-    """Whether error was raised while handling a Ctrl-C."""
-    context = error.__context__
-    while context is not None:
-        if isinstance(context, KeyboardInterrupt):
-            return True
-        context = context.__context__
-    return False
-
-
-def _as_ctrl_c(signum: int, frame: object) -> None:
-    # Re-raised as SIGINT so that a running asyncio loop cancels its task as for Ctrl-C.
-    signal.raise_signal(signal.SIGINT)
-
-
-@contextmanager
-def _stop_signals_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP act like Ctrl-C, so that the servers are stopped on the way out."""
-    previous = {s: signal.signal(s, _as_ctrl_c) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 # --- loading ------------------------------------------------------------------------------------

@@ -116,3 +116,17 @@ async def keep_connected(runtime: Any, actor: str,
             runtime.log.warning("database_unavailable", actor=actor, retry_in=round(delay, 2),
                                 error=reason)
             await trio.sleep(delay)
+
+
+@asynccontextmanager
+async def listening(conn: Any, channel: str, callback: Callable[..., None]) -> AsyncIterator[None]:
+    """LISTEN on `channel` for the block (callback(conn, pid, channel, payload) per NOTIFY)."""
+    await conn.add_listener(channel, callback)
+    try:
+        yield
+    finally:
+        with trio.CancelScope(shield=True):
+            try:
+                await conn.remove_listener(channel, callback)
+            except CONNECTION_ERRORS:
+                pass  # the connection is gone, and its listener with it

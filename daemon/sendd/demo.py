@@ -19,8 +19,8 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Coroutine, Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from collections.abc import Coroutine
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -29,7 +29,7 @@ from typing import Any, TextIO, TypeVar
 import asyncpg
 
 import sendd
-from sendd import migrate, tenants
+from sendd import interrupts, migrate, tenants
 from sendd.enqueue import EnqueueRequest, enqueue
 from sendd.errors import UserError
 from sendd.pgserver import PrivatePostgres, ServerError, free_port
@@ -50,7 +50,6 @@ CONNECT_TIMEOUT = 10.0
 PROVIDER_STOP_TIMEOUT = 10.0
 DAEMON_STOP_TIMEOUT = 60.0  # the daemon drains for up to stop_timeout (30 s) before exiting
 LOG_TAIL_LINES = 15
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 CAMPAIGN_SQL = ("SELECT status, pause_reason, sent, failed, finished_at "
                 "FROM sendd.campaign WHERE id = $1")
 
@@ -90,10 +89,10 @@ def run_demo(messages: int, *, durable: bool = DURABLE) -> int:
     stack = ExitStack()
     code = 130
     try:
-        with _stop_signals_interrupt():
+        with interrupts.stop_signals_interrupt():
             code = _run(stack, messages, durable)
     except ServerError as error:
-        if not _during_interrupt(error):
+        if not interrupts.during_interrupt(error):
             raise UserError(str(error)) from None
     except DemoFailed as error:
         _report_failure(error)
@@ -219,48 +218,8 @@ def _stop_process(proc: subprocess.Popen[Any], timeout: float) -> None:
 
 
 def _stop_everything(stack: ExitStack) -> None:
-    """Unwind the stack (daemon, provider, PostgreSQL, temp dir) with stop signals held off,
-    so an impatient second Ctrl-C cannot leave a server running."""
-    with _signals_handled(STOP_SIGNALS, signal.SIG_IGN):
-        try:
-            stack.close()
-        except ServerError as error:
-            print(f"sendd demo: stopping PostgreSQL: {error}", file=sys.stderr)
-
-
-def _during_interrupt(error: BaseException) -> bool:
-    """Whether error was raised while handling a Ctrl-C (PrivatePostgres cleans up after an
-    interrupted start, and that cleanup can fail too)."""
-    context = error.__context__
-    while context is not None:
-        if isinstance(context, KeyboardInterrupt):
-            return True
-        context = context.__context__
-    return False
-
-
-def _as_ctrl_c(signum: int, frame: object) -> None:
-    # Re-raised as SIGINT, so an asyncio loop running now stops the way it does for Ctrl-C
-    # (cancelling its task) instead of being torn through by an exception.
-    if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
-        raise KeyboardInterrupt
-    signal.raise_signal(signal.SIGINT)
-
-
-def _stop_signals_interrupt() -> AbstractContextManager[None]:
-    """SIGTERM and SIGHUP act like Ctrl-C: the children run in their own sessions, so
-    dying by the default action would leave them all running."""
-    return _signals_handled((signal.SIGTERM, signal.SIGHUP), _as_ctrl_c)
-
-
-@contextmanager
-def _signals_handled(signums: tuple[int, ...], handler: Any) -> Iterator[None]:
-    previous = {signum: signal.signal(signum, handler) for signum in signums}
-    try:
-        yield
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
+    """Unwind the stack: daemon, provider, PostgreSQL, temp dir (sendd.interrupts)."""
+    interrupts.unwind(stack, "sendd demo")
 
 
 # --- configuration and database -----------------------------------------------------------

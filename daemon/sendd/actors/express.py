@@ -16,7 +16,7 @@ import trio
 
 from sendd.actors.batcher import group_by_destination
 from sendd.actors.poller import claim_due
-from sendd.db import CONNECTION_ERRORS, keep_connected
+from sendd.db import keep_connected, listening
 from sendd.model import Batch
 from sendd.runtime import Runtime
 
@@ -41,8 +41,7 @@ async def run_express_poller(
 
     async def session(conn: Any) -> None:
         nonlocal task_status, wakeup
-        await conn.add_listener("sendd_queued", on_notify)
-        try:
+        async with listening(conn, "sendd_queued", on_notify):
             task_status.started()
             task_status = trio.TASK_STATUS_IGNORED  # ready once, not on every reconnect
             while True:
@@ -54,12 +53,6 @@ async def run_express_poller(
                 if not claim.messages:
                     with trio.move_on_after(interval):
                         await wakeup.wait()
-        finally:
-            with trio.CancelScope(shield=True):
-                try:
-                    await conn.remove_listener("sendd_queued", on_notify)
-                except CONNECTION_ERRORS:
-                    pass  # the connection is gone, and its listener with it
 
     async with batches:
         await keep_connected(runtime, "express", session)

@@ -11,12 +11,13 @@ nothing more is claimed.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
-from sendd.db import CONNECTION_ERRORS, keep_connected
+from sendd.db import keep_connected, listening
 from sendd.model import Message
 from sendd.runtime import Runtime
 
@@ -227,19 +228,10 @@ async def run_poller(
 
     async def session(conn: Any) -> None:
         nonlocal task_status
-        if lead:
-            await conn.add_listener("sendd_queued", on_notify)
-        try:
+        async with listening(conn, "sendd_queued", on_notify) if lead else nullcontext():
             task_status.started()
             task_status = trio.TASK_STATUS_IGNORED  # ready once, not on every reconnect
             await _claim_forever(runtime, conn, claims, interval, name, lead)
-        finally:
-            if lead:
-                with trio.CancelScope(shield=True):
-                    try:
-                        await conn.remove_listener("sendd_queued", on_notify)
-                    except CONNECTION_ERRORS:
-                        pass  # the connection is gone, and its listener with it
 
     async with claims:
         await keep_connected(runtime, name, session)
