@@ -3,11 +3,14 @@
 -- `slots` shares when it was read, so together they can never overspend. A tenant with less
 -- budget than that is claimed by one claimer holding every slot, against its exact budget.
 --
+-- A claimer in one slot takes one of the slots first_slot..last_slot (campaign pollers and the
+-- express lane use separate ranges, so a transactional claim never waits for a campaign claim).
 -- Locks are taken tenant by tenant in the order given (the caller sorts) and, within a tenant,
 -- slot by slot; try-locks never wait, so every wait is in that one global order: no deadlock.
 -- (Transaction-level advisory locks, two-key form: (first_key + slot, hashtext(tenant)).)
 CREATE FUNCTION sendd.lock_claim_slots(tenants text[], exclusive boolean[], slots integer,
-                                       first_key integer) RETURNS void
+                                       first_key integer, first_slot integer,
+                                       last_slot integer) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     i integer;
@@ -21,12 +24,12 @@ BEGIN
             END LOOP;
         ELSE
             got := false;
-            FOR slot IN 0 .. slots - 1 LOOP
+            FOR slot IN first_slot .. last_slot LOOP
                 got := pg_try_advisory_xact_lock(first_key + slot, hashtext(tenants[i]));
                 EXIT WHEN got;
             END LOOP;
-            IF NOT got THEN  -- every slot busy: wait for the first
-                PERFORM pg_advisory_xact_lock(first_key, hashtext(tenants[i]));
+            IF NOT got THEN  -- every slot of the range busy: wait for its first
+                PERFORM pg_advisory_xact_lock(first_key + first_slot, hashtext(tenants[i]));
             END IF;
         END IF;
     END LOOP;
