@@ -37,9 +37,10 @@ WHERE t.active AND NOT (t.id = ANY($1::text[])) AND EXISTS (
 # Claimers of one tenant must not spend the same budget twice, yet one claimer at a time
 # caps a daemon at one claim statement's speed. So a tenant has CLAIM_SLOTS claim slots
 # (sendd.lock_claim_slots, migration 0003): with a budget of at least CLAIM_SLOTS shares, a
-# claimer takes any one slot and spends at most one share; with less, it takes every slot and
-# spends the exact budget alone. Advisory locks, not a row lock on the tenant, because the
-# writer's trigger locks that row for every flush and must not wait for a claim in progress.
+# claimer takes any one slot and spends at most one share; with less, it shuts the tenant's
+# gate on every slot and spends the exact budget alone. Advisory locks, not a row lock on the
+# tenant, because the writer's trigger locks that row for every flush and must not wait for a
+# claim in progress.
 CLAIM_SLOTS = 4
 CAMPAIGN_SLOTS = (0, 2)  # campaign claims take one of slots 0..2; the express lane, slot 3
 EXPRESS_SLOTS = (3, 3)
@@ -55,7 +56,7 @@ CLAIM_LOCK_SPACE = 0x434C4149  # "CLAI": first key of the slot locks (two-key fo
 # That spares every claim an fsync wait, the express lane's included. (In this statement to
 # save a round trip.)
 LOCK_SLOTS = """
-SELECT sendd.lock_claim_slots($1::text[], $2::boolean[], $3, $4, $5, $6),
+SELECT sendd.lock_claim_slots($1::text[], $2::boolean[], $3, $4, $5),
        set_config('synchronous_commit', 'off', true)
 """
 
@@ -159,7 +160,7 @@ async def claim_due(conn: Any, runtime: Runtime, *, campaigns: bool = True,
         # yet is claimed alone once): a guess only, the budget is read again under the locks.
         alone = [runtime.budgets.get(t, 0) < CLAIM_SLOTS * share for t in tenants]
         slots = CAMPAIGN_SLOTS if campaigns else EXPRESS_SLOTS
-        await conn.execute(LOCK_SLOTS, tenants, alone, CLAIM_SLOTS, CLAIM_LOCK_SPACE, *slots)
+        await conn.execute(LOCK_SLOTS, tenants, alone, CLAIM_LOCK_SPACE, *slots)
         budgets = await _budgets(conn, tenants)
         runtime.budgets.update(budgets)
         spendable = [spendable_budget(budgets.get(t, 0), share, exclusive)
