@@ -156,8 +156,8 @@ async def claim_due(conn: Any, runtime: Runtime, *, campaigns: bool = True,
         if not tenants or not accounts:
             return Claim([], {})
         share = CLAIM_SHARE
-        # One slot or all of them, by the budget this daemon saw last (a tenant it has not seen
-        # yet is claimed alone once): a guess only, the budget is read again under the locks.
+        # A slot or alone, by the budget this daemon saw last (a tenant it has not seen yet is
+        # claimed alone once): a guess only, the budget is read again under the locks.
         alone = [runtime.budgets.get(t, 0) < CLAIM_SLOTS * share for t in tenants]
         slots = CAMPAIGN_SLOTS if campaigns else EXPRESS_SLOTS
         await conn.execute(LOCK_SLOTS, tenants, alone, CLAIM_LOCK_SPACE, *slots)
@@ -181,11 +181,11 @@ async def _budgets(conn: Any, tenants: list[str]) -> dict[str, int]:
 
 
 def spendable_budget(budget: int, share: int, exclusive: bool) -> int:
-    """What one claim may spend of a tenant's budget (read after taking its claim slots).
+    """What one claim may spend of a tenant's budget (read after taking its claim locks).
 
-    Alone (every slot): all of it. In one slot: one share, and only while the budget still
-    covers a share for every slot; once it does not, nothing this time, and the next claim
-    takes every slot.
+    Alone (the tenant's gate shut): all of it. In one slot: one share, and only while the
+    budget still covers a share for every slot; once it does not, nothing this time, and the
+    next claim goes alone.
     """
     if exclusive:
         return budget
