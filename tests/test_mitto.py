@@ -6,6 +6,7 @@ from functools import partial
 
 import trio
 
+from sendd.actors.sender import speaking_for
 from sendd.config import AccountConfig
 from sendd.model import Message
 from sendd.providers import base
@@ -52,3 +53,12 @@ async def test_a_200_bulk_answer_is_read() -> None:
     assert response.kind == base.OK and response.bulk_id == "b1"
     results = [(r.reference, r.accepted, r.message_id) for r in response.results]
     assert results == [("7", True, "m7")]
+
+
+def test_an_ambiguous_answer_decides_for_a_batch_of_single_requests() -> None:
+    throttled = base.SendResponse(base.THROTTLED)
+    ambiguous = base.SendResponse(base.AMBIGUOUS)
+    ok = base.SendResponse(base.OK)
+    assert speaking_for([ok, throttled, ambiguous, ok]) is ambiguous  # never resent unseen
+    assert speaking_for([ok, throttled, ok]) is throttled
+    assert speaking_for([ok, ok]) is ok

@@ -103,8 +103,7 @@ async def send_batch(runtime: Runtime, batch: Batch) -> list[BatchResult | Unset
             responses = await provider.send_each(batch.messages)
         else:
             responses = [await provider.send(batch.messages)]
-    # The answer that speaks for the batch in the log: the first that is not OK, if any.
-    response = next((r for r in responses if r.kind != base.OK), responses[0])
+    response = speaking_for(responses)
     # Metrics (sendd.metrics): rate wait, request time, batch size.
     runtime.metrics.rate_wait.observe(waited)
     runtime.metrics.provider_request.labels(batch.account).observe(
@@ -123,6 +122,16 @@ async def send_batch(runtime: Runtime, batch: Batch) -> list[BatchResult | Unset
                 else classify(runtime, batch, response))
     _log_batch(runtime, batch, response, outcomes, started)
     return [BatchResult(batch.submission_id, outcomes)]
+
+
+def speaking_for(responses: list[base.SendResponse]) -> base.SendResponse:
+    """The answer that decides for a batch sent as several requests: an ambiguous one first
+    (then every message is looked up: none may be resent unseen), else the first that is not
+    OK, else the first."""
+    for response in responses:
+        if response.kind == base.AMBIGUOUS:
+            return response
+    return next((r for r in responses if r.kind != base.OK), responses[0])
 
 
 async def wait_for_lease(runtime: Runtime, needed: float) -> None:
