@@ -59,9 +59,9 @@ class Runtime:
     problems: dict[str, tuple[str, float]] = field(default_factory=dict)
     # Trio time until which this instance's lease surely lasts (kept by the heartbeat).
     lease_valid_until: float = 0.0
-    # Set to wake the poller early (new work was queued, a pause was lifted).
-    # Set (and replaced) by wake_poller: a poller takes the current event before it claims and
-    # waits on that one, so a NOTIFY that came during its claim is not missed.
+    # Set (and replaced) by wake_poller to wake the campaign pollers early (new work was queued, a
+    # pause was lifted): a poller takes the current event before it claims and waits on that
+    # one, so a wake-up that came during its claim is not missed.
     wakeup: trio.Event = field(default_factory=trio.Event)
     # Each tenant's budget as the last claim read it: which claim slots the next claim takes.
     budgets: dict[str, int] = field(default_factory=dict)

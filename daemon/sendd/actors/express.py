@@ -4,8 +4,9 @@ The campaign pipeline is built to be full: at full speed its channels hold thous
 messages, and a one-time password claimed behind them would wait for all of them. The express
 poller claims only transactional messages, as soon as a NOTIFY says one was queued, and hands
 them, batched per account and tenant with no linger, to express senders of their own. From
-there they share the writer (their outcomes need no hurry once accepted). Claims take the same
-tenant budget lock as the campaign poller, so credits are never overspent between the lanes.
+there they share the writer (their outcomes need no hurry once accepted). Claims go through the
+tenant's claim slots (one of their own, sendd.actors.poller), so the lanes never overspend
+credits between them and a transactional claim never waits for a campaign claim.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import trio
 from sendd.actors.batcher import group_by_destination
 from sendd.actors.poller import claim_due
 from sendd.db import keep_connected, listening
-from sendd.model import Batch
+from sendd.model import Batch, Message
 from sendd.runtime import Runtime
 
 EXPRESS_SENDERS = 2  # concurrent express requests: transactional traffic is a trickle
@@ -58,7 +59,7 @@ async def run_express_poller(
         await keep_connected(runtime, "express", session)
 
 
-def express_batches(runtime: Runtime, messages: list) -> list[Batch]:
+def express_batches(runtime: Runtime, messages: list[Message]) -> list[Batch]:
     """Claimed messages as provider batches: per account and tenant, at most max_batch each."""
     batches = []
     for (account, tenant), group in group_by_destination(messages).items():
