@@ -26,7 +26,7 @@ from sendd.actors.reaper import run_heartbeat, run_reaper
 from sendd.actors.sender import LeaseLost, run_sender
 from sendd.actors.settler import LOOKUP_CONCURRENCY, run_settler
 from sendd.actors.writer import run_writer
-from sendd.config import Config
+from sendd.config import Config, PipelineConfig
 from sendd.control import reload_on_signal, serve_control
 from sendd.db import CONNECTION_ERRORS, unavailable
 from sendd.errors import UserError
@@ -69,6 +69,12 @@ async def run_daemon(config: Config, *, ready: trio.Event | None = None,
             await pool_cm.__aexit__(None, None, None)
 
 
+def provider_connections(pipeline: PipelineConfig) -> int:
+    """HTTP connections per provider: one per sender and express sender, plus the settler's
+    concurrent lookups."""
+    return pipeline.senders + EXPRESS_SENDERS + LOOKUP_CONCURRENCY
+
+
 async def _start_runtime(config: Config, pool: Any) -> Runtime:
     leases.check_runnable(config)
     async with pool.acquire() as conn:
@@ -83,8 +89,7 @@ async def _start_runtime(config: Config, pool: Any) -> Runtime:
     governor = Governor()
     for account in config.accounts.values():
         governor.set_account(account.name, account.msgs_per_s, account.reqs_per_s)
-    # Connections per provider: one per sender plus the settler's concurrent lookups.
-    connections = config.pipeline.senders + EXPRESS_SENDERS + LOOKUP_CONCURRENCY
+    connections = provider_connections(config.pipeline)
     providers = {name: open_provider(account, connections)
                  for name, account in config.accounts.items()}
     runtime = Runtime(config, instance_id, pool, governor, providers,
@@ -201,7 +206,7 @@ async def _apply_rebuild(runtime: Runtime) -> None:
     async with runtime.pool.acquire() as conn:
         released = await leases.release_unsubmitted(conn, runtime.instance_id)
     old, new = runtime.config, runtime.next_config
-    connections = new.pipeline.senders + EXPRESS_SENDERS + LOOKUP_CONCURRENCY
+    connections = provider_connections(new.pipeline)
     for name, account in new.accounts.items():
         if old.accounts.get(name) != account or name not in runtime.providers:
             if name in runtime.providers:
@@ -251,7 +256,8 @@ async def _run_pipeline(runtime: Runtime, supervisor: Supervisor, drain: trio.Ev
         async with trio.open_nursery() as intake:
             await start(intake, "poller", run_poller, claims_send.clone())
             for number in range(2, CAMPAIGN_POLLERS + 1):
-                await start(intake, f"poller-{number}", functools.partial(run_poller, lead=False),
+                name = f"poller-{number}"
+                await start(intake, name, functools.partial(run_poller, name=name, lead=False),
                             claims_send.clone())
             await claims_send.aclose()  # the pollers' clones keep the channel open
             await start(intake, "express", run_express_poller, express_send)

@@ -220,12 +220,13 @@ async def run_poller(
     claims: trio.MemorySendChannel[list[Message]],
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     *,
+    name: str = "poller",
     lead: bool = True,
 ) -> None:
     """Claim campaign messages until cancelled (drain cancels this actor first); closes `claims`
-    when done. The lead poller also listens for NOTIFY and does the housekeeping."""
+    when done. The lead poller also listens for NOTIFY and does the housekeeping; `name` is the
+    actor's, for health and problem reports."""
     interval = runtime.config.pipeline.poll_interval
-    name = "poller" if lead else "poller-2"
 
     def on_notify(*_: object) -> None:
         runtime.wake_poller()
