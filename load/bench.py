@@ -56,6 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "daemon"), str(REPO / "tests"), str(Path(__file__).resolve().parent)]
 
 import ceiling  # noqa: E402 -- these need the path set-up above
+import cpu  # noqa: E402
 import dataset  # noqa: E402
 import report  # noqa: E402
 from harness import Daemon, FakeProvider, setup_database, write_config  # noqa: E402
@@ -100,6 +101,16 @@ WHERE campaign_id IS NULL AND status IN ('queued', 'sending')
 STAT_TABLES = """
 SELECT relname, n_tup_ins, n_tup_upd, n_tup_del, n_tup_hot_upd
 FROM pg_stat_user_tables WHERE schemaname = 'sendd'
+"""
+# --statements: every statement's PostgreSQL time, those inside the trigger functions too ("all").
+STATEMENTS_SETTINGS = {"shared_preload_libraries": "pg_stat_statements",
+                       "pg_stat_statements.track": "all"}
+STATEMENTS_RESET = "SELECT pg_stat_statements_reset()"
+TOP_STATEMENTS = """
+SELECT query, calls, total_exec_time AS total_ms, rows
+FROM pg_stat_statements
+WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+ORDER BY total_exec_time DESC LIMIT 12
 """
 STAT_XACTS = "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
 STAT_WAL = "SELECT wal_records, wal_bytes FROM pg_stat_wal"
@@ -229,6 +240,9 @@ def _report_options(group: Any) -> None:
     group.add_argument("--ceiling-messages", metavar="N", type=_int_in(0, dataset.MAX_MESSAGES),
                        help="rows for the bare-PostgreSQL ceiling (default min(messages, "
                             "200000); 0 skips it)")
+    group.add_argument("--statements", action="store_true",
+                       help="load pg_stat_statements and list the statements that took the "
+                            "most PostgreSQL time during the run (for profiling)")
     group.add_argument("--keep-dir", action="store_true",
                        help="keep the work dir (daemon configs and logs) for debugging; "
                             "PostgreSQL's own directory is removed either way")
@@ -321,22 +335,29 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 def _run(stack: ExitStack, args: argparse.Namespace) -> dict[str, Any]:
     started_at, loadavg_start = datetime.now().astimezone(), os.getloadavg()
     workdir = _workdir(stack, args.keep_dir)
-    pg = stack.enter_context(PrivatePostgres(durable=True, base_dir=workdir))
+    settings = STATEMENTS_SETTINGS if args.statements else None
+    pg = stack.enter_context(PrivatePostgres(durable=True, base_dir=workdir,
+                                             extra_settings=settings))
     say(f"PostgreSQL (durable) on port {pg.port}, work dir {workdir}")
     fake = stack.enter_context(_provider(args))
     configs, ports = _write_configs(workdir, pg.url, fake.url, args)
     tenants = dataset.tenant_names(args.tenants)
     _setup(configs[0], tenants, args.messages)
     campaigns, load = _run_async(_load(pg.url, args, tenants))
+    if args.statements:
+        _run_async(_statements(pg.url, STATEMENTS_RESET))
     before = _run_async(stats_snapshot(pg.url))
     fleet, t0 = _start_fleet(stack, configs, ports)
-    watched = _run_async(_watch(pg.url, fleet, campaigns, args, tenants[0], t0))
+    meter = _cpu_meter(pg, fleet, fake)
+    watched = _run_async(_watch(pg.url, fleet, campaigns, args, tenants[0], t0, meter))
     _stop_fleet(fleet)
     provider = fake.stats()
     after = _run_async(stats_snapshot(pg.url))  # before anything else touches the database
+    statements = _run_async(_statements(pg.url, TOP_STATEMENTS)) if args.statements else None
     outcome = _run_async(_outcome(pg.url, args, provider, fake))
     results = Results(started_at, loadavg_start, load, watched, fleet, before, after, provider,
-                      outcome, _ceiling(pg.url, args), _run_async(_server_version(pg.url)))
+                      outcome, _ceiling(pg.url, args), _run_async(_server_version(pg.url)),
+                      meter.figures(), statements)
     figures = figures_of(args, results)
     _write_report(figures, args)
     return figures
@@ -430,6 +451,19 @@ def _start_fleet(stack: ExitStack, configs: list[Path],
     return fleet, t0
 
 
+def _cpu_meter(pg: PrivatePostgres, fleet: Fleet, fake: FakeProvider) -> cpu.CpuMeter:
+    """CPU time from now to the end of the run, per process group."""
+    postmaster = pg.postmaster_pid()
+    meter = cpu.CpuMeter({
+        "postgres": lambda: cpu.descendants(postmaster),
+        "daemons": lambda: [d.process.pid for d in fleet.daemons],
+        "fake_provider": lambda: [fake.process.pid],
+        "harness": lambda: [os.getpid()],
+    })
+    meter.start()
+    return meter
+
+
 def _check_is_python(pid: int) -> None:
     """RSS is read from /proc/<pid>: that pid must be the daemon's Python, not a wrapper."""
     try:
@@ -509,6 +543,15 @@ async def stats_snapshot(url: str) -> dict[str, Any]:
             "wal_records": wal and wal["wal_records"], "wal_bytes": wal and int(wal["wal_bytes"])}
 
 
+async def _statements(url: str, sql: str) -> list[dict[str, Any]]:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        return [dict(r) for r in await conn.fetch(sql)]
+    finally:
+        await conn.close()
+
+
 async def _server_version(url: str) -> str:
     conn = await asyncpg.connect(url)
     try:
@@ -550,7 +593,7 @@ class Watched:
 
 
 async def _watch(url: str, fleet: Fleet, campaigns: dataset.Campaigns, args: argparse.Namespace,
-                 tenant: str, t0: float) -> Watched:
+                 tenant: str, t0: float, meter: cpu.CpuMeter) -> Watched:
     """Sample until every campaign message is done, trickling transactional messages in."""
     conn = CountingConnection(await asyncpg.connect(url))
     trickle_conn = CountingConnection(await asyncpg.connect(url))
@@ -562,7 +605,7 @@ async def _watch(url: str, fleet: Fleet, campaigns: dataset.Campaigns, args: arg
             readiness = asyncio.create_task(_watch_readiness(http, fleet, t0, ready))
             try:
                 series = await _sample_until_done(conn, http, fleet, list(campaigns.ids), t0,
-                                                  readiness)
+                                                  readiness, meter)
             finally:
                 readiness.cancel()
         stop.set()
@@ -584,13 +627,14 @@ async def _watch(url: str, fleet: Fleet, campaigns: dataset.Campaigns, args: arg
 
 
 async def _sample_until_done(conn: CountingConnection, http: httpx.AsyncClient, fleet: Fleet,
-                             campaign_ids: list[int], t0: float,
-                             readiness: asyncio.Task[None]) -> list[dict[str, Any]]:
-    """The time series, until every campaign message is done."""
+                             campaign_ids: list[int], t0: float, readiness: asyncio.Task[None],
+                             meter: cpu.CpuMeter) -> list[dict[str, Any]]:
+    """The time series (and the CPU meter's samples), until every campaign message is done."""
     series: list[dict[str, Any]] = []
     last_progress = last_change = time.monotonic()
     while True:
         point = await _sample(conn, http, fleet, campaign_ids, t0)
+        meter.sample()
         if readiness.done():
             readiness.result()  # raises if a daemon never got ready
         if series and point["done"] != series[-1]["done"]:
@@ -807,6 +851,8 @@ class Results:
     outcome: dict[str, Any]
     ceiling: dict[str, Any] | None
     server_version: str
+    cpu: dict[str, float]
+    statements: list[dict[str, Any]] | None
 
 
 def figures_of(args: argparse.Namespace, r: Results) -> dict[str, Any]:
@@ -836,6 +882,8 @@ def figures_of(args: argparse.Namespace, r: Results) -> dict[str, Any]:
             r.before, r.after, r.watched.total + r.watched.transactional_inserted,
             bench_rows=r.watched.transactional_inserted, bench_xacts=r.watched.bench_statements),
         "db_stats": {"before": r.before, "after": r.after},
+        "statements": report.statement_costs(r.statements, r.watched.total),
+        "cpu": report.cpu_split(r.cpu, r.watched.total + r.watched.transactional_inserted),
         "outcome": outcome, "provider": r.provider,
         "ceiling": r.ceiling, "ratio": report.ratio(sustained["msgs_per_s"], best),
         "ok": not problems, "problems": problems,

@@ -234,7 +234,8 @@ def markdown(report: Mapping[str, Any]) -> str:
     lines = [f"# sendd benchmark, {report['date']}", "", _scenario_line(report), "",
              "| figure | value |", "|---|---|"]
     lines += [f"| {label} | {value} |" for label, value in _figure_rows(report)]
-    lines += ["", *_table_rows(report["db_writes"]), "", _machine_line(report["machine"]),
+    lines += ["", *_table_rows(report["db_writes"]), *_statement_rows(report.get("statements")),
+              "", _machine_line(report["machine"]),
               "", f"Command: `{report['command']}`", "", _verdict(report)]
     return "\n".join(lines) + "\n"
 
@@ -276,9 +277,52 @@ def _figure_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
                                               f"{out['db_sent']:,}"),
         ("rejected: expected / failed in the database", f"{out['rejected_expected']:,} / "
                                                         f"{out['rejected_failed']:,}"),
+        ("CPU during the run (per message)", _cpu_text(report.get("cpu"))),
         ("load (not counted)", f"{load['messages']:,} rows in {load['insert_s']:.1f} s, "
                                f"VACUUM ANALYZE {load['vacuum_analyze_s']:.1f} s"),
     ]
+
+
+def cpu_split(seconds: Mapping[str, float], messages: int) -> dict[str, Any]:
+    """The CPU meter's seconds per process group, with each group's µs per message."""
+    groups = {name.removesuffix("_s"): s for name, s in seconds.items() if name.endswith("_s")}
+    return {"seconds": groups, "machine_busy": seconds.get("machine_busy"),
+            "us_per_message": {name: round(s * 1e6 / messages, 1) if messages else None
+                               for name, s in groups.items()}}
+
+
+def statement_costs(rows: Sequence[Mapping[str, Any]] | None,
+                    messages: int) -> list[dict[str, Any]] | None:
+    """pg_stat_statements rows with the query on one line and the µs per message."""
+    if rows is None:
+        return None
+    return [{"query": " ".join(r["query"].split()), "calls": r["calls"],
+             "total_ms": round(r["total_ms"], 1), "rows": r["rows"],
+             "mean_ms": round(r["total_ms"] / r["calls"], 3) if r["calls"] else None,
+             "us_per_message": round(r["total_ms"] * 1000 / messages, 1) if messages else None}
+            for r in rows]
+
+
+def _statement_rows(statements: Sequence[Mapping[str, Any]] | None) -> list[str]:
+    if not statements:
+        return []
+    rows = ["", "PostgreSQL time by statement (statements inside trigger functions are also "
+            "counted in the statement that fired them):", "",
+            "| statement | calls | total ms | mean ms | µs per message |", "|---|---|---|---|---|"]
+    for s in statements:
+        text = s["query"] if len(s["query"]) <= 90 else s["query"][:87] + "..."
+        rows.append(f"| `{text.replace('|', '¦')}` | {s['calls']:,} | {s['total_ms']:,.0f} | "
+                    f"{_fmt(s['mean_ms'], '{:.2f}')} | {_fmt(s['us_per_message'], '{:.1f}')} |")
+    return rows
+
+
+def _cpu_text(cpu: Mapping[str, Any] | None) -> str:
+    if not cpu:
+        return "n/a"
+    parts = [f"{name.replace('_', ' ')} {s:.1f} s ({_fmt(cpu['us_per_message'][name], '{:.0f}')}"
+             " µs)" for name, s in cpu["seconds"].items()]
+    busy = cpu.get("machine_busy")
+    return ", ".join(parts) + (f"; machine {busy:.0%} busy" if busy is not None else "")
 
 
 def _table_rows(writes: Mapping[str, Any]) -> list[str]:

@@ -207,3 +207,83 @@ def test_guarded_update_cannot_regress_a_final_status(database_url):
         assert await credits(conn, "acme") == 99
 
     with_db(database_url, work)
+
+
+async def in_flight(conn, tenant: str) -> int:
+    return await conn.fetchval("SELECT sendd.in_flight_segments($1)", tenant)
+
+
+async def in_flight_rows(conn) -> int:
+    return await conn.fetchval(
+        "SELECT sum(segments) FROM sendd.message WHERE status IN ('sending', 'unknown')") or 0
+
+
+def test_in_flight_segments_follow_every_write_path(database_url):
+    """Claims, outcomes, unknowns, releases, in-flight inserts, deletes and truncation all keep
+    the per-tenant in-flight counter equal to the in-flight rows."""
+    async def work(conn):
+        await add_tenant(conn, "acme", 1000)
+        await add_tenant(conn, "beta", 1000)
+        c = await add_campaign(conn, "acme")
+        ids = await add_messages(conn, "acme", c, [1, 2, 3, 4])
+        other = await add_messages(conn, "beta", None, [5])
+        seen = []
+
+        async def note() -> None:
+            seen.append((await in_flight(conn, "acme"), await in_flight(conn, "beta")))
+            assert seen[-1][0] + seen[-1][1] == await in_flight_rows(conn)
+
+        await note()
+        await set_status(conn, ids + other, "sending")  # a claim: 10 + 5
+        await note()
+        await set_status(conn, ids[:1], "sent")  # -1
+        await set_status(conn, ids[1:2], "unknown")  # still in flight
+        await set_status(conn, ids[2:3], "queued")  # a release: -3
+        await note()
+        await set_status(conn, ids[1:2], "sent")  # settled: -2
+        await conn.execute(
+            """INSERT INTO sendd.message (tenant_id, account, recipient, body, segments, status,
+                                          lease_owner)
+               VALUES ('acme', 'main', '+306900000999', 'hi', 7, 'sending', 'x')""")  # +7
+        await note()
+        await conn.execute("DELETE FROM sendd.message WHERE id = ANY($1::bigint[])", other)
+        await note()
+        await conn.execute("TRUNCATE sendd.message, sendd.submission")
+        await note()
+        return seen
+
+    assert with_db(database_url, work) == [(0, 0), (10, 5), (6, 5), (11, 5), (11, 0), (0, 0)]
+
+
+def test_in_flight_rows_of_ended_connections_are_folded_into_one(database_url):
+    """Each server process counts into its own row (no two transactions share one); the reaper's
+    fold merges the rows of processes that have ended without changing the sum."""
+    async def work(conn):
+        await add_tenant(conn, "acme", 1000)
+        c = await add_campaign(conn, "acme")
+        ids = await add_messages(conn, "acme", c, [1] * 6)
+        for chunk in (ids[:2], ids[2:4]):  # two claims, by two connections that then end
+            other = await asyncpg.connect(database_url)
+            await set_status(other, chunk, "sending")
+            await other.close()
+        await set_status(conn, ids[4:], "sending")  # and one by this live connection
+        before = await conn.fetch("SELECT backend, segments FROM sendd.tenant_in_flight "
+                                  "WHERE segments <> 0 ORDER BY backend")
+        ended = [r["backend"] for r in before]
+        for _ in range(100):  # a closed connection's server process takes a moment to exit
+            if not await conn.fetchval("SELECT count(*) FROM pg_stat_activity "
+                                       "WHERE pid = ANY($1::int[]) AND pid <> pg_backend_pid()",
+                                       ended):
+                break
+            await asyncio.sleep(0.05)
+        await conn.execute("SELECT sendd.fold_in_flight()")
+        after = await conn.fetch("SELECT backend, segments FROM sendd.tenant_in_flight "
+                                 "WHERE segments <> 0 ORDER BY backend")
+        mine = await conn.fetchval("SELECT pg_backend_pid()")
+        return [tuple(r) for r in before], [tuple(r) for r in after], mine, \
+            await in_flight(conn, "acme")
+
+    before, after, mine, total = with_db(database_url, work)
+    assert len(before) == 3 and sum(s for _, s in before) == 6
+    assert after == [(0, 4), (mine, 2)]
+    assert total == 6

@@ -376,6 +376,8 @@ class SendStateMachine(RuleBasedStateMachine):
             in_flight = sum(m["segments"] for m in messages
                             if m["tenant_id"] == tenant and m["status"] in IN_FLIGHT)
             assert t["credits"] >= in_flight, (tenant, t["credits"], in_flight)
+            counted = await conn.fetchval("SELECT sendd.in_flight_segments($1)", tenant)
+            assert counted == in_flight, (tenant, "in-flight counter", counted, in_flight)
 
         # (e) every message being sent is leased to a registered instance, and only those.
         instances = {r["id"] for r in await conn.fetch("SELECT id FROM sendd.instance")}

@@ -171,6 +171,10 @@ class PrivatePostgres:
             raise
         return self
 
+    def postmaster_pid(self) -> int:
+        """The server's main process (every other server process is its child)."""
+        return int((self._datadir / "postmaster.pid").read_text().split("\n", 1)[0])
+
     def stop(self) -> None:
         """Stop the server (fast shutdown) and remove its directory; safe to call twice."""
         atexit.unregister(self.stop)

@@ -59,11 +59,7 @@ async def _check_reserved(conn: Any, tenant: str, new_credits: int, old_credits:
         return
     if new_credits < 0:
         raise UserError(f"tenant {tenant!r} has {old_credits} credits; cannot go below zero")
-    reserved = await conn.fetchval(
-        """SELECT coalesce(sum(segments), 0) FROM sendd.message
-           WHERE tenant_id = $1 AND status IN ('sending', 'unknown')""",
-        tenant,
-    )
+    reserved = await conn.fetchval("SELECT sendd.in_flight_segments($1)", tenant)
     if new_credits < reserved:
         raise UserError(
             f"tenant {tenant!r} has {reserved} segments in flight; set credits to at least "

@@ -60,14 +60,12 @@ SELECT sendd.lock_claim_slots($1::text[], $2::boolean[], $3, $4, $5),
        set_config('synchronous_commit', 'off', true)
 """
 
-# What each tenant can still pay for: credits minus the segments of messages in flight. Read
-# after the slot locks, in its own statement, so its snapshot includes the previous claimers'
-# commits; credits and in-flight rows change together in every writer commit, so their
-# difference is consistent in any one snapshot.
+# What each tenant can still pay for: credits minus the segments in flight (kept per tenant by
+# the message triggers, migration 0005). Read after the slot locks, in its own statement, so its
+# snapshot includes the previous claimers' commits; credits and in-flight segments change
+# together in every writer commit, so their difference is consistent in any one snapshot.
 TENANT_BUDGETS = """
-SELECT t.id, t.credits - coalesce((
-    SELECT sum(m.segments) FROM sendd.message m
-    WHERE m.tenant_id = t.id AND m.status IN ('sending', 'unknown')), 0) AS budget
+SELECT t.id, t.credits - sendd.in_flight_segments(t.id) AS budget
 FROM sendd.tenant t WHERE t.id = ANY($1::text[]) ORDER BY t.id
 """
 

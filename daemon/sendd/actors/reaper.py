@@ -69,6 +69,8 @@ async def run_reaper(
                              trio.current_time())
             await unsettled.send(item)
             handed.add(mark["id"])
+        # Tidy the in-flight counters: fold the rows of server processes that have ended.
+        await conn.execute("SELECT sendd.fold_in_flight()")
 
     async with unsettled:
         task_status.started()
