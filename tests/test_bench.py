@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import asyncpg
@@ -23,6 +25,7 @@ LOAD = Path(__file__).resolve().parents[1] / "load"
 sys.path.insert(0, str(LOAD))
 
 import bench  # noqa: E402 -- load/ is not a package
+import cpu  # noqa: E402
 import dataset  # noqa: E402
 import report  # noqa: E402
 
@@ -35,7 +38,7 @@ def test_bench_end_to_end(tmp_path):
     out = tmp_path / "report"
     args = ["--messages", "20000", "--tenants", "2", "--campaigns", "3", "--transactional", "20",
             "--ceiling-messages", "20000", "--error-429", "0.02", "--error-503", "0.02",
-            "--reject", "0.01", "--out", str(out)]
+            "--reject", "0.01", "--statements", "--out", str(out)]
     result = subprocess.run([sys.executable, str(LOAD / "bench.py"), *args], cwd=tmp_path,
                             capture_output=True, text=True, env=env(), timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -79,6 +82,12 @@ def test_bench_end_to_end(tmp_path):
     assert figures["config"]["retry"]["max_attempts"] == 10
     assert figures["config"]["pipeline"]["claim_chunk"] == 1000
 
+    # Where the CPU went, and PostgreSQL's time per statement (--statements).
+    cpu_seconds = figures["cpu"]["seconds"]
+    assert cpu_seconds["daemons"] > 0 and cpu_seconds["postgres_backends"] > 0, figures["cpu"]
+    assert 0 < figures["cpu"]["machine_busy"] <= 1
+    assert any("sendd.claim(" in s["query"] for s in figures["statements"]), figures["statements"]
+
     assert (out / "chart.png").read_bytes().startswith(PNG_SIGNATURE)
     summary = (out / "report.md").read_text()
     assert summary in result.stdout  # printed at the end, too
@@ -86,7 +95,8 @@ def test_bench_end_to_end(tmp_path):
     for mention in (sustained, f"{figures['ceiling']['msgs_per_s']:,.0f} msgs/s",
                     f"{figures['ratio']:.2f}", f"{tx['p50_ms']:,.0f} / ",
                     "| duplicates (provider) | 0 |", "| lost or unfinished | 0 |",
-                    "Result: **OK**"):
+                    "| CPU during the run (per message) | postgres backends ",
+                    "PostgreSQL time by statement", "Result: **OK**"):
         assert mention in summary, (mention, summary)
 
 
@@ -186,6 +196,27 @@ def _snapshot(message, submission, xacts, wal_records, wal_bytes):
     return {"tables": {"message": dict(zip(names, message, strict=True)),
                        "submission": dict(zip(names, submission, strict=True))},
             "xact_commit": xacts, "wal_records": wal_records, "wal_bytes": wal_bytes}
+
+
+def test_cpu_split_per_message():
+    split = report.cpu_split({"postgres_backends_s": 3.0, "daemons_s": 1.5, "machine_busy": 0.9},
+                             100_000)
+    assert split == {"seconds": {"postgres_backends": 3.0, "daemons": 1.5}, "machine_busy": 0.9,
+                     "us_per_message": {"postgres_backends": 30.0, "daemons": 15.0}}
+    assert report._cpu_text(split) == ("postgres backends 3.0 s (30 µs), daemons 1.5 s (15 µs); "
+                                       "machine 90% busy")
+
+
+def test_cpu_meter_counts_a_process_group():
+    meter = cpu.CpuMeter({"me": lambda: [os.getpid()], "gone": lambda: [2**22 + 1]})
+    meter.start()
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:  # burn 0.3 s of CPU
+        pass
+    meter.sample()
+    figures = meter.figures()
+    assert 0.2 <= figures["me_s"] <= 1.0 and figures["gone_s"] == 0.0, figures
+    assert 0 < figures["machine_busy"] <= 1
 
 
 def test_writes_per_message():
