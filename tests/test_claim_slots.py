@@ -98,18 +98,8 @@ def test_concurrent_claimers_never_spend_more_than_the_budget(database_url: str,
         assert len(claims) > 6 and sum(1 for sizes in results if any(sizes)) >= 2
 
 
-def test_spendable_budget_is_one_share_only_while_every_slot_has_one(database_url: str) -> None:
+def test_spendable_budget_is_one_share_only_while_every_slot_has_one() -> None:
     share, slots = poller.CLAIM_SHARE, poller.CLAIM_SLOTS
-
-    async def spendable(budget: int, alone: bool) -> int:
-        conn = await asyncpg.connect(database_url)
-        try:
-            await migrate.migrate(conn)
-            return await conn.fetchval("SELECT sendd.spendable_budget($1, $2, $3, $4)",
-                                       budget, share, slots, alone)
-        finally:
-            await conn.close()
-
-    assert _run(spendable(slots * share, alone=False)) == share
-    assert _run(spendable(slots * share - 1, alone=False)) == 0
-    assert _run(spendable(17, alone=True)) == 17
+    assert poller.spendable_budget(slots * share, share, exclusive=False) == share
+    assert poller.spendable_budget(slots * share - 1, share, exclusive=False) == 0
+    assert poller.spendable_budget(17, share, exclusive=True) == 17

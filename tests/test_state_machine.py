@@ -30,7 +30,7 @@ from hypothesis.stateful import (
 
 from harness import ALLOWED, STATUSES
 from sendd import campaigns, leases, migrate, tenants
-from sendd.actors.poller import claim_due
+from sendd.actors.poller import TENANT_BUDGETS, claim_due
 from sendd.actors.sender import MARK_SUBMITTED
 from sendd.actors.writer import write_results
 from sendd.errors import UserError
@@ -45,13 +45,6 @@ TENANTS = ("acme", "beta")
 ACCOUNTS = ("main", "alt")
 LEASE_SECONDS = 60.0
 OUTCOMES = (SENT, FAILED, RETRY, RELEASE, UNKNOWN)
-
-# Credits minus the segments in flight, from the rows (not from the schema's counters).
-BUDGETS = """
-SELECT t.id, t.credits - coalesce((SELECT sum(m.segments) FROM sendd.message m
-    WHERE m.tenant_id = t.id AND m.status IN ('sending', 'unknown')), 0) AS budget
-FROM sendd.tenant t
-"""
 
 TABLES = ("sendd.submission", "sendd.credit_ledger", "sendd.message", "sendd.campaign",
           "sendd.instance", "sendd.tenant")
@@ -166,7 +159,8 @@ class SendStateMachine(RuleBasedStateMachine):
         paused = data.draw(st.sets(st.sampled_from(TENANTS), max_size=1), label="paused")
 
         async def claim() -> None:
-            budgets = {r["id"]: r["budget"] for r in await self.conn.fetch(BUDGETS)}
+            budgets = {r["id"]: r["budget"] for r in await self.conn.fetch(
+                TENANT_BUDGETS, list(TENANTS))}
             queued = {r["id"] for r in await self.conn.fetch(
                 "SELECT id FROM sendd.message WHERE status = 'queued'")}
             result = await claim_due(self.conn, slot.runtime(chunk, paused))

@@ -25,7 +25,7 @@ from sendd.actors.poller import CAMPAIGN_POLLERS, run_poller
 from sendd.actors.reaper import run_heartbeat, run_reaper
 from sendd.actors.sender import LeaseLost, run_sender
 from sendd.actors.settler import LOOKUP_CONCURRENCY, run_settler
-from sendd.actors.writer import FLUSHES_AT_ONCE, run_writer
+from sendd.actors.writer import run_writer
 from sendd.config import Config, PipelineConfig
 from sendd.control import reload_on_signal, serve_control
 from sendd.db import CONNECTION_ERRORS, unavailable
@@ -47,10 +47,10 @@ async def run_daemon(config: Config, *, ready: trio.Event | None = None,
                      drain: trio.Event | None = None) -> int:
     """Run until SIGTERM/SIGINT (or `drain` is set); returns the process exit code."""
     pipeline = config.pipeline
-    # Senders, express senders, pollers, writer flushes, express poller, heartbeat, reaper,
-    # settler, the metrics refresh, and one spare.
+    # Senders, express senders, pollers, express poller, writer, heartbeat, reaper, settler,
+    # the metrics refresh, and one spare.
     pool_size = max(config.database.pool_size,
-                    pipeline.senders + EXPRESS_SENDERS + CAMPAIGN_POLLERS + FLUSHES_AT_ONCE + 6)
+                    pipeline.senders + EXPRESS_SENDERS + CAMPAIGN_POLLERS + 7)
     try:
         pool_cm = triopg.create_pool(config.database.url, min_size=2, max_size=pool_size,
                                      timeout=config.database.connect_timeout)

@@ -21,10 +21,7 @@ from sendd.db import keep_connected, listening
 from sendd.model import Batch, Message
 from sendd.runtime import Runtime
 
-# Concurrent express requests. Transactional traffic is a trickle, but each batch waits for its
-# submission mark's fsync, which under a saturating campaign (tens of MB of WAL a second) takes
-# 50-100 ms: two senders were busy all the time at 20 one-message claims a second.
-EXPRESS_SENDERS = 8
+EXPRESS_SENDERS = 2  # concurrent express requests: transactional traffic is a trickle
 EXPRESS_CAPACITY = 4  # batches, express poller -> express senders
 
 

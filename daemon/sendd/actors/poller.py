@@ -10,6 +10,7 @@ nothing more is claimed.
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,19 @@ import trio
 from sendd.db import keep_connected, listening
 from sendd.model import Message
 from sendd.runtime import Runtime
+
+ACTIVE_CAMPAIGNS = """
+SELECT c.id, c.tenant_id FROM sendd.campaign c JOIN sendd.tenant t ON t.id = c.tenant_id
+WHERE c.status = 'sending' AND t.active AND NOT (t.id = ANY($1::text[]))
+ORDER BY c.id
+"""
+
+TRANSACTIONAL_TENANTS = """
+SELECT t.id FROM sendd.tenant t
+WHERE t.active AND NOT (t.id = ANY($1::text[])) AND EXISTS (
+    SELECT 1 FROM sendd.message m
+    WHERE m.tenant_id = t.id AND m.campaign_id IS NULL AND m.status = 'queued')
+"""
 
 # Claimers of one tenant must not spend the same budget twice, yet one claimer at a time
 # caps a daemon at one claim statement's speed. So a tenant has CLAIM_SLOTS claim slots
@@ -35,12 +49,63 @@ EXPRESS_SLOTS = (3, 3)
 # tenants with less than CLAIM_SLOTS shares left are claimed one claimer at a time.
 CLAIM_SHARE = 100_000
 CLAIM_LOCK_SPACE = 0x434C4149  # "CLAI": first key of the slot locks (two-key form, + slot)
+# The claim transaction does not wait for its commit to reach the disk (synchronous_commit off
+# for this transaction only): nothing claimed is sent before its submission mark commits, which
+# is synchronous, and WAL is flushed in order, so the mark's flush makes the claim durable too;
+# a crash before that loses a claim of messages nobody sent, which are simply queued again.
+# That spares every claim an fsync wait, the express lane's included. (In this statement to
+# save a round trip.)
+LOCK_SLOTS = """
+SELECT sendd.lock_claim_slots($1::text[], $2::boolean[], $3, $4, $5),
+       set_config('synchronous_commit', 'off', true)
+"""
 
-# The whole claim is one server-side call (sendd.claim, migration 0006): the active campaigns,
-# the slot locks, the budgets read under them (credits minus segments in flight) and the
-# claim itself, fair per campaign, transactional messages first, within each tenant's budget,
-# fenced by this daemon's live lease. Autocommitted, without waiting for the fsync.
-CLAIM = "SELECT * FROM sendd.claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+# What each tenant can still pay for: credits minus the segments in flight (kept per tenant by
+# the message triggers, migration 0005). Read after the slot locks, in its own statement, so its
+# snapshot includes the previous claimers' commits; credits and in-flight segments change
+# together in every writer commit, so their difference is consistent in any one snapshot.
+TENANT_BUDGETS = """
+SELECT t.id, t.credits - sendd.in_flight_segments(t.id) AS budget
+FROM sendd.tenant t WHERE t.id = ANY($1::text[]) ORDER BY t.id
+"""
+
+CLAIM = """
+WITH budget AS (
+    SELECT * FROM unnest($1::text[], $2::bigint[]) AS b(tenant_id, budget)
+), candidate AS (
+    SELECT q.id, q.tenant_id, q.segments, 0 AS urgent
+    FROM unnest($3::bigint[]) AS c(id) CROSS JOIN LATERAL (
+        SELECT m.id, m.tenant_id, m.segments FROM sendd.message m
+        WHERE m.campaign_id = c.id AND m.status = 'queued' AND m.next_attempt_at <= now()
+          AND m.account = ANY($6::text[])
+        ORDER BY m.next_attempt_at, m.id LIMIT $4
+        FOR UPDATE SKIP LOCKED) q
+    UNION ALL
+    SELECT q.id, q.tenant_id, q.segments, 1 AS urgent
+    FROM unnest($5::text[]) AS t(id) CROSS JOIN LATERAL (
+        SELECT m.id, m.tenant_id, m.segments FROM sendd.message m
+        WHERE m.tenant_id = t.id AND m.campaign_id IS NULL AND m.status = 'queued'
+          AND m.next_attempt_at <= now() AND m.account = ANY($6::text[])
+        ORDER BY m.priority DESC, m.next_attempt_at, m.id LIMIT $7
+        FOR UPDATE SKIP LOCKED) q
+), affordable AS (
+    SELECT c.id FROM (
+        SELECT candidate.id, b.budget, sum(candidate.segments) OVER (
+            PARTITION BY candidate.tenant_id ORDER BY candidate.urgent DESC, candidate.id) AS cost
+        FROM candidate JOIN budget b USING (tenant_id)) c
+    WHERE c.cost <= c.budget
+), lease AS (
+    -- Fenced by our own live lease (KEY SHARE: a reaper cannot adopt us mid-claim), so a
+    -- daemon whose work was adopted never claims rows that no lease would ever cover.
+    SELECT 1 FROM sendd.instance i
+    WHERE i.id = $8 AND i.stopped_at IS NULL AND i.lease_until > now() FOR KEY SHARE
+)
+UPDATE sendd.message m SET status = 'sending', lease_owner = $8
+FROM affordable a WHERE m.id = a.id AND sendd.transition_allowed(m.status, 'sending')
+  AND EXISTS (SELECT 1 FROM lease)
+RETURNING m.id, m.tenant_id, m.campaign_id, m.account, m.sender, m.recipient, m.body,
+          m.segments, m.attempts
+"""
 
 HOUSEKEEPING_INTERVAL = 1.0  # seconds between scheduled-campaign starts and credit checks
 
@@ -74,30 +139,55 @@ class Claim:
 
 async def claim_due(conn: Any, runtime: Runtime, *, campaigns: bool = True,
                     transactional: bool = True) -> Claim:
-    """One claim: up to about `claim_chunk` messages, fairly shared, from campaigns,
+    """One claim transaction: up to about `claim_chunk` messages, fairly shared, from campaigns,
     transactional messages (first), or both."""
     if runtime.paused_all:  # operator pause (control socket): claim nothing until resumed
         return Claim([], {})
+    chunk = runtime.config.pipeline.claim_chunk
     accounts = [a for a in runtime.config.accounts if a not in runtime.excluded_accounts()]
-    if not accounts:
-        return Claim([], {})
-    # Slot or alone is guessed from the budgets this daemon saw last (a tenant it has not seen
-    # yet is claimed alone once); the budget is read again under the locks.
-    known = runtime.budgets
-    rows = await conn.fetch(
-        CLAIM, runtime.instance_id, accounts, sorted(runtime.paused_tenants),
-        runtime.config.pipeline.claim_chunk, campaigns, transactional, list(known),
-        list(known.values()), CLAIM_SHARE, CLAIM_SLOTS, CLAIM_LOCK_SPACE,
-        *(CAMPAIGN_SLOTS if campaigns else EXPRESS_SLOTS),
-    )
-    messages, unserved = [], {}
-    for row in rows:
-        known[row[1]] = row[9]  # every row carries its tenant's budget
-        if row[0] is None:
-            unserved[row[1]] = row[9]
-        else:
-            messages.append(Message(*row[:9]))
+    paused = sorted(runtime.paused_tenants)
+    async with conn.transaction():
+        campaign_rows = await conn.fetch(ACTIVE_CAMPAIGNS, paused) if campaigns else []
+        urgent_tenants = ([r["id"] for r in await conn.fetch(TRANSACTIONAL_TENANTS, paused)]
+                          if transactional else [])
+        tenants = sorted({r["tenant_id"] for r in campaign_rows} | set(urgent_tenants))
+        if not tenants or not accounts:
+            return Claim([], {})
+        share = CLAIM_SHARE
+        # A slot or alone, by the budget this daemon saw last (a tenant it has not seen yet is
+        # claimed alone once): a guess only, the budget is read again under the locks.
+        alone = [runtime.budgets.get(t, 0) < CLAIM_SLOTS * share for t in tenants]
+        slots = CAMPAIGN_SLOTS if campaigns else EXPRESS_SLOTS
+        await conn.execute(LOCK_SLOTS, tenants, alone, CLAIM_LOCK_SPACE, *slots)
+        budgets = await _budgets(conn, tenants)
+        runtime.budgets.update(budgets)
+        spendable = [spendable_budget(budgets.get(t, 0), share, exclusive)
+                     for t, exclusive in zip(tenants, alone, strict=True)]
+        per_campaign = math.ceil(chunk / max(1, len(campaign_rows)))
+        rows = await conn.fetch(
+            CLAIM, tenants, spendable, [r["id"] for r in campaign_rows],
+            per_campaign, urgent_tenants, accounts, chunk, runtime.instance_id,
+        )
+    messages = [Message(*row) for row in rows]
+    claimed_tenants = {m.tenant_id for m in messages}
+    unserved = {t: b for t, b in budgets.items() if t not in claimed_tenants}
     return Claim(messages, unserved)
+
+
+async def _budgets(conn: Any, tenants: list[str]) -> dict[str, int]:
+    return {r["id"]: r["budget"] for r in await conn.fetch(TENANT_BUDGETS, tenants)}
+
+
+def spendable_budget(budget: int, share: int, exclusive: bool) -> int:
+    """What one claim may spend of a tenant's budget (read after taking its claim locks).
+
+    Alone (the tenant's gate shut): all of it. In one slot: one share, and only while the
+    budget still covers a share for every slot; once it does not, nothing this time, and the
+    next claim goes alone.
+    """
+    if exclusive:
+        return budget
+    return share if budget >= CLAIM_SLOTS * share else 0
 
 
 async def pause_starved(conn: Any, runtime: Runtime, unserved: dict[str, int]) -> None:

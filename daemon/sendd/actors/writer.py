@@ -73,56 +73,34 @@ async def write_results(conn: Any, instance_id: str, results: list[BatchResult])
     return int(status.split()[-1])
 
 
-# Flushes in flight at once: while one waits for its commit's fsync (or, for the same tenant,
-# for the other's commit to release the campaign and tenant rows its trigger locks), the next
-# one updates its message rows. One at a time, the writer became the pipeline's bottleneck
-# once claims got faster. Flushes never touch the same message, so their order does not matter:
-# a message's next outcome can only follow a claim, which waits for this outcome's commit.
-FLUSHES_AT_ONCE = 2
-
-
 async def run_writer(
     runtime: Runtime,
     results: trio.MemoryReceiveChannel[BatchResult],
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Flush results until the results channel ends and everything pending is stored.
-
-    While FLUSHES_AT_ONCE flushes are running it receives nothing, so the results channel
-    fills and the senders wait: backpressure."""
+    """Flush results until the results channel ends and everything pending is stored."""
     pipeline = runtime.config.pipeline
     linger = pipeline.writer_flush_ms / 1000
-    flush_slots = trio.Semaphore(FLUSHES_AT_ONCE)
     pending: list[BatchResult] = []
     size = 0
     flush_at = float("inf")  # the first pending result waits at most `linger`
-    async with trio.open_nursery() as flushes:
-        task_status.started()
-        while True:
-            with trio.move_on_at(flush_at) as waiting:
-                try:
-                    result = await results.receive()
-                except trio.EndOfChannel:
-                    break
-            if not waiting.cancelled_caught:
-                if not pending:
-                    flush_at = trio.current_time() + linger
-                pending.append(result)
-                size += len(result.outcomes)
-                if size < pipeline.writer_max_results:
-                    continue
-            await flush_slots.acquire()
-            flushes.start_soon(_flush_in_slot, runtime, pending, flush_slots)
-            pending, size, flush_at = [], 0, float("inf")
-        await flush(runtime, pending)  # the last results; the nursery waits for the others
-
-
-async def _flush_in_slot(runtime: Runtime, pending: list[BatchResult],
-                         flush_slots: trio.Semaphore) -> None:
-    try:
+    task_status.started()
+    while True:
+        with trio.move_on_at(flush_at) as waiting:
+            try:
+                result = await results.receive()
+            except trio.EndOfChannel:
+                await flush(runtime, pending)
+                return
+        if not waiting.cancelled_caught:
+            if not pending:
+                flush_at = trio.current_time() + linger
+            pending.append(result)
+            size += len(result.outcomes)
+            if size < pipeline.writer_max_results:
+                continue
         await flush(runtime, pending)
-    finally:
-        flush_slots.release()
+        pending, size, flush_at = [], 0, float("inf")
 
 
 async def flush(runtime: Runtime, pending: list[BatchResult]) -> None:
