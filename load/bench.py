@@ -455,7 +455,10 @@ def _cpu_meter(pg: PrivatePostgres, fleet: Fleet, fake: FakeProvider) -> cpu.Cpu
     """CPU time from now to the end of the run, per process group."""
     postmaster = pg.postmaster_pid()
     meter = cpu.CpuMeter({
-        "postgres": lambda: cpu.descendants(postmaster),
+        "postgres_backends": lambda: [p for p in cpu.descendants(postmaster)
+                                      if cpu.is_client_backend(p)],
+        "postgres_other": lambda: [p for p in cpu.descendants(postmaster)
+                                   if not cpu.is_client_backend(p)],
         "daemons": lambda: [d.process.pid for d in fleet.daemons],
         "fake_provider": lambda: [fake.process.pid],
         "harness": lambda: [os.getpid()],

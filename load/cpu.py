@@ -1,7 +1,8 @@
 """Where the CPU went during a run: CPU seconds per process group, read from /proc (Linux).
 
-Groups are PostgreSQL (the postmaster and every process it started: backends, WAL writer,
-checkpointer, autovacuum), the daemons, the fake provider and the harness itself. Each sample
+Groups are PostgreSQL's client backends (the statements), the rest of PostgreSQL (the
+postmaster and its background processes: autovacuum, WAL writer, checkpointer), the daemons,
+the fake provider and the harness itself. Each sample
 remembers every process's CPU time so far; a process that exits between two samples loses at
 most one sample interval of its CPU, and the daemons' backends live for the whole run.
 The machine's own busy share comes from /proc/stat, so idle CPU (waits on locks, fsync,
@@ -46,6 +47,16 @@ def descendants(root: int) -> list[int]:
         found.append(pid)
         todo.extend(children.get(pid, []))
     return found
+
+
+def is_client_backend(pid: int) -> bool:
+    """A PostgreSQL server process serving a client connection (its title names the client's
+    address), not autovacuum, the WAL writer, the checkpointer or the postmaster."""
+    try:
+        title = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"127.0.0.1(" in title or b"[local]" in title
 
 
 class CpuMeter:
