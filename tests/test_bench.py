@@ -86,7 +86,8 @@ def test_bench_end_to_end(tmp_path):
     cpu_seconds = figures["cpu"]["seconds"]
     assert cpu_seconds["daemons"] > 0 and cpu_seconds["postgres_backends"] > 0, figures["cpu"]
     assert 0 < figures["cpu"]["machine_busy"] <= 1
-    assert any("sendd.claim(" in s["query"] for s in figures["statements"]), figures["statements"]
+    assert any("sendd.lock_claim_slots(" in s["query"] for s in figures["statements"]), \
+        figures["statements"]
 
     assert (out / "chart.png").read_bytes().startswith(PNG_SIGNATURE)
     summary = (out / "report.md").read_text()
