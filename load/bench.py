@@ -454,15 +454,16 @@ def _start_fleet(stack: ExitStack, configs: list[Path],
 def _cpu_meter(pg: PrivatePostgres, fleet: Fleet, fake: FakeProvider) -> cpu.CpuMeter:
     """CPU time from now to the end of the run, per process group."""
     postmaster = pg.postmaster_pid()
-    meter = cpu.CpuMeter({
-        "postgres_backends": lambda: [p for p in cpu.descendants(postmaster)
-                                      if cpu.is_client_backend(p)],
-        "postgres_other": lambda: [p for p in cpu.descendants(postmaster)
-                                   if not cpu.is_client_backend(p)],
-        "daemons": lambda: [d.process.pid for d in fleet.daemons],
-        "fake_provider": lambda: [fake.process.pid],
-        "harness": lambda: [os.getpid()],
-    })
+
+    def groups() -> dict[str, list[int]]:
+        server = cpu.descendants(postmaster) if postmaster is not None else []
+        backends = [pid for pid in server if cpu.is_client_backend(pid)]
+        return {"postgres_backends": backends,
+                "postgres_other": [pid for pid in server if pid not in backends],
+                "daemons": [d.process.pid for d in fleet.daemons],
+                "fake_provider": [fake.process.pid], "harness": [os.getpid()]}
+
+    meter = cpu.CpuMeter(groups)
     meter.start()
     return meter
 

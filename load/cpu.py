@@ -60,28 +60,27 @@ def is_client_backend(pid: int) -> bool:
 
 
 class CpuMeter:
-    """CPU seconds per group since start(); `groups` name a function giving the group's pids."""
+    """CPU seconds per group since start(); `groups()` gives each group's pids, once a sample."""
 
-    def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
+    def __init__(self, groups: Callable[[], dict[str, list[int]]]) -> None:
         self.groups = groups
         self.start_ticks: dict[int, int] = {}
-        self.last_ticks: dict[str, dict[int, int]] = {name: {} for name in groups}
+        self.last_ticks: dict[str, dict[int, int]] = {}
         self.machine_start = (0, 0)
         self.machine_end = (0, 0)
 
     def start(self) -> None:
         self.machine_start = machine_ticks()
-        for pids in self.groups.values():
-            for pid in pids():
-                if (ticks := process_ticks(pid)) is not None:
-                    self.start_ticks[pid] = ticks[1]
         self.sample()
+        self.start_ticks = {pid: t for ticks in self.last_ticks.values()
+                            for pid, t in ticks.items()}
 
     def sample(self) -> None:
-        for name, pids in self.groups.items():
-            for pid in pids():
-                if (ticks := process_ticks(pid)) is not None:
-                    self.last_ticks[name][pid] = ticks[1]
+        for name, pids in self.groups().items():
+            ticks = self.last_ticks.setdefault(name, {})
+            for pid in pids:
+                if (read := process_ticks(pid)) is not None:
+                    ticks[pid] = read[1]
         self.machine_end = machine_ticks()
 
     def figures(self) -> dict[str, float]:

@@ -209,7 +209,7 @@ def test_cpu_split_per_message():
 
 
 def test_cpu_meter_counts_a_process_group():
-    meter = cpu.CpuMeter({"me": lambda: [os.getpid()], "gone": lambda: [2**22 + 1]})
+    meter = cpu.CpuMeter(lambda: {"me": [os.getpid()], "gone": [2**22 + 1]})
     meter.start()
     deadline = time.process_time() + 0.3
     while time.process_time() < deadline:  # burn 0.3 s of CPU

@@ -132,7 +132,7 @@ def _start_services(stack: ExitStack, durable: bool, progress: Progress) -> Star
     # As root the server runs as the postgres user, which must reach its directory in here.
     workdir.chmod(0o711)
     postgres = stack.enter_context(PrivatePostgres(durable=durable, base_dir=workdir))
-    started = Started(workdir, postgres, postgres_pid=_postmaster_pid(postgres))
+    started = Started(workdir, postgres, postgres_pid=postgres.postmaster_pid())
     _start_provider(stack, started)
     mode = "durable" if durable else "non-durable"
     assert started.provider is not None
@@ -140,14 +140,6 @@ def _start_services(stack: ExitStack, durable: bool, progress: Progress) -> Star
                   f"fake provider at {started.provider_url} (pid {started.provider.pid}), "
                   f"work dir {workdir}")
     return started
-
-
-def _postmaster_pid(postgres: PrivatePostgres) -> int | None:
-    assert postgres.directory is not None
-    try:
-        return int((postgres.directory / "data" / "postmaster.pid").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _child_env() -> dict[str, str]:

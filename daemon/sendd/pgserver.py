@@ -171,9 +171,15 @@ class PrivatePostgres:
             raise
         return self
 
-    def postmaster_pid(self) -> int:
-        """The server's main process (every other server process is its child)."""
-        return int((self._datadir / "postmaster.pid").read_text().split("\n", 1)[0])
+    def postmaster_pid(self) -> int | None:
+        """The server's main process (every other server process is its child); None when its
+        pid file cannot be read (not started, or already stopped)."""
+        if self.directory is None:
+            return None
+        try:
+            return int((self._datadir / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
 
     def stop(self) -> None:
         """Stop the server (fast shutdown) and remove its directory; safe to call twice."""
