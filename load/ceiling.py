@@ -6,8 +6,10 @@ fills the real table, and then drained by plain asyncpg connections, each repeat
 autocommitted statements with no per-message Python:
 
 1. claim a chunk: `UPDATE ... SET status = 'sending' WHERE id IN (SELECT ... FOR UPDATE SKIP
-   LOCKED)`, the ids collected into one array, as the daemon's poller claims (per campaign, due
-   messages, in `next_attempt_at, id` order, so the same partial index serves it);
+   LOCKED) RETURNING` the columns the daemon's poller returns, as it claims (per campaign, due
+   messages, in `next_attempt_at, id` order, so the same partial index serves it). A sender
+   must read what it sends, so the rows' content is part of the work (until 2026-12-01 only
+   the ids came back, which made the ceiling ~6 % higher);
 2. store the outcomes of that chunk: one `UPDATE ... FROM unnest($1::bigint[])`, as the
    daemon's writer does.
 
@@ -47,14 +49,12 @@ class CeilingFailed(Exception):
 
 
 CLAIM = f"""
-WITH claimed AS (
-    UPDATE {TABLE} SET status = 'sending', lease_owner = 'x'
-    WHERE id IN (SELECT id FROM {TABLE}
-                 WHERE campaign_id = $1 AND status = 'queued' AND next_attempt_at <= now()
-                 ORDER BY next_attempt_at, id LIMIT $2
-                 FOR UPDATE SKIP LOCKED)
-    RETURNING id)
-SELECT array_agg(id) FROM claimed
+UPDATE {TABLE} SET status = 'sending', lease_owner = 'x'
+WHERE id IN (SELECT id FROM {TABLE}
+             WHERE campaign_id = $1 AND status = 'queued' AND next_attempt_at <= now()
+             ORDER BY next_attempt_at, id LIMIT $2
+             FOR UPDATE SKIP LOCKED)
+RETURNING id, tenant_id, campaign_id, account, sender, recipient, body, segments, attempts
 """
 
 STORE = f"""
@@ -123,11 +123,12 @@ async def _drain(url: str, claim_size: int) -> dict[str, float]:
         tally = {"claims": 0, "claim_s": 0.0, "store_s": 0.0}
         while True:
             started = time.monotonic()
-            ids = await conn.fetchval(CLAIM, CAMPAIGN, claim_size)
+            rows = await conn.fetch(CLAIM, CAMPAIGN, claim_size)
             claimed = time.monotonic()
             tally["claim_s"] += claimed - started
-            if not ids:  # SKIP LOCKED: empty only once no queued row is left unlocked
+            if not rows:  # SKIP LOCKED: empty only once no queued row is left unlocked
                 return tally
+            ids = [row[0] for row in rows]
             await conn.execute(STORE, ids)
             tally["store_s"] += time.monotonic() - claimed
             tally["claims"] += 1
