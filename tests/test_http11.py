@@ -4,12 +4,14 @@ close or hang, and whether each failure can have reached the provider."""
 from __future__ import annotations
 
 import contextlib
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 
 import pytest
 import trio
+import trustme
 
 from sendd.providers import http11
 from sendd.providers.http11 import Client, NoAnswer, NotSubmitted
@@ -18,7 +20,7 @@ Handler = Callable[[trio.SocketStream], Awaitable[None]]
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
-async def read_request(stream: trio.SocketStream) -> bytes:
+async def read_request(stream: trio.abc.Stream) -> bytes:
     """One small request (head and body end with the client's one send)."""
     data = b""
     while b"\r\n\r\n" not in data:
@@ -182,3 +184,30 @@ async def test_a_request_cancelled_mid_exchange_does_not_leave_its_connection_fo
 def test_only_http_urls_are_taken() -> None:
     with pytest.raises(ValueError, match="not an http"):
         Client("ftp://example.org", {}, timeout=1.0, max_connections=1)
+
+
+async def test_https_verifies_the_provider_and_reuses_the_tls_connection() -> None:
+    authority = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(server_context)
+    accepted: list[int] = []
+
+    async def count_and_answer(stream: trio.SSLStream) -> None:
+        accepted.append(1)
+        while await read_request(stream):
+            await stream.send_all(OK)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(
+            trio.serve_ssl_over_tcp, count_and_answer, 0, server_context, host="127.0.0.1"))
+        url = f"https://127.0.0.1:{listeners[0].transport_listener.socket.getsockname()[1]}"
+        trusting = ssl.create_default_context()
+        authority.configure_trust(trusting)
+        http = Client(url, {}, timeout=5.0, max_connections=1, ssl_context=trusting)
+        for _ in range(3):
+            assert (await http.request("POST", "/send", b"{}")).content == b"ok"
+        assert len(accepted) == 1
+        # The system's CAs do not know this one: refused before any byte of the request left.
+        with pytest.raises(NotSubmitted, match="CERTIFICATE_VERIFY_FAILED"):
+            await Client(url, {}, timeout=5.0, max_connections=1).request("POST", "/send")
+        nursery.cancel_scope.cancel()

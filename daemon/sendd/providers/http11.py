@@ -56,7 +56,7 @@ class Client:
     """
 
     def __init__(self, base_url: str, headers: dict[str, str], timeout: float,
-                 max_connections: int) -> None:
+                 max_connections: int, ssl_context: ssl.SSLContext | None = None) -> None:
         url = urlsplit(base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
@@ -70,7 +70,8 @@ class Client:
         self._slots = trio.Semaphore(max_connections)
         self._idle: list[_Connection] = []
         self._closed = False
-        self._ssl_context = ssl.create_default_context() if self._tls else None
+        # https: the system's CAs, unless the caller brings its own context (tests do).
+        self._ssl_context = (ssl_context or ssl.create_default_context()) if self._tls else None
 
     async def request(self, method: str, path: str, body: bytes = b"") -> Response:
         with trio.move_on_after(self.timeout) as waited:
@@ -127,7 +128,7 @@ class Client:
         except trio.TooSlowError:
             raise NotSubmitted(f"connect timed out after {self.timeout:g} s") from None
         except (OSError, trio.BrokenResourceError) as error:
-            raise NotSubmitted(f"cannot connect: {error}") from None
+            raise NotSubmitted(f"cannot connect: {_reason(error)}") from None
         return _Connection(stream)
 
 
@@ -163,7 +164,7 @@ class _Connection:
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
                 h11.ProtocolError) as error:
             await self.close()
-            raise NoAnswer(f"{type(error).__name__}: {error}") from None
+            raise NoAnswer(_reason(error)) from None
         except BaseException:
             # Cancelled mid-exchange: the connection is in an unknown state.
             await self.close()
@@ -196,3 +197,11 @@ class _Connection:
             elif type(event) is h11.ConnectionClosed:
                 raise h11.RemoteProtocolError(_CLOSED)
             # InformationalResponse (1xx): wait for the final answer.
+
+
+def _reason(error: BaseException) -> str:
+    """The error in a line; trio's BrokenResourceError says nothing itself, its cause does
+    (a TLS verification failure, a reset connection)."""
+    while not str(error) and error.__cause__ is not None:
+        error = error.__cause__
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
