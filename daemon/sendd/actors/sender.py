@@ -248,9 +248,8 @@ def accepted_or_rejected(messages: list[Message], response: base.SendResponse) -
             # The provider answered but said nothing of this message: it may have been sent.
             outcomes.append(Outcome(message, UNKNOWN, error_code="MISSING_RESULT",
                                     error_text="the provider's answer did not list it"))
-        elif result.accepted:
-            outcomes.append(Outcome(message, SENT, bulk_id=response.bulk_id,
-                                    provider_message_id=result.message_id))
+        elif result.accepted:  # the common case, positionally: the hot path
+            outcomes.append(Outcome(message, SENT, response.bulk_id, result.message_id))
         else:
             outcomes.append(Outcome(message, FAILED, bulk_id=response.bulk_id,
                                     error_code=result.error_code, error_text=result.error_text))

@@ -134,14 +134,12 @@ def _entry(message: Message) -> dict[str, str]:
 
 
 def _message_result(entry: dict[str, Any]) -> MessageResult:
-    accepted = entry.get("status") == "accepted"
-    return MessageResult(
-        reference=str(entry.get("reference")),
-        accepted=accepted,
-        message_id=entry.get("messageId"),
-        error_code=None if accepted else (entry.get("errorCode") or "REJECTED"),
-        error_text=None if accepted else entry.get("errorMessage"),
-    )
+    reference = str(entry.get("reference"))
+    if entry.get("status") == "accepted":  # the common case, positionally: the hot path
+        return MessageResult(reference, True, entry.get("messageId"))
+    return MessageResult(reference, False, entry.get("messageId"),
+                         error_code=entry.get("errorCode") or "REJECTED",
+                         error_text=entry.get("errorMessage"))
 
 
 def classify_status(response: Response) -> SendResponse:
