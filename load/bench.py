@@ -14,14 +14,16 @@ config, HTTP port and control socket). The steps:
 1. migrate and create the tenants with `sendd` itself, create the campaigns with an INSERT and
    generate the messages inside PostgreSQL (load/dataset.py; `sendd enqueue` validates every
    number and is too slow for millions), then VACUUM ANALYZE; timed, not counted in throughput;
-2. snapshot the database statistics, start the daemons, sample every 0.5 s (messages done,
+2. measure the bare-PostgreSQL ceiling on the same server (load/ceiling.py) a first time;
+   snapshot the database statistics, start the daemons, sample every 0.5 s (messages done,
    backlog, throughput, channel fill from each daemon's /metrics, RSS from /proc) while an
    optional task trickles transactional messages in at --transactional per second;
 3. once every campaign message is done: stop the trickle, wait for the transactional messages,
    read each daemon's peak RSS, stop the daemons (SIGTERM: they drain), snapshot again;
 4. check the outcome: duplicates at the provider, unfinished messages, provider-accepted versus
    stored-as-sent, the credit ledger;
-5. measure the bare-PostgreSQL ceiling on the same server (load/ceiling.py);
+5. measure the ceiling a second time; the report gives both and rates the daemons against
+   their mean (this VM's speed drifts by tens of percent within minutes: the two tell);
 6. write DIR/report.json (everything, with the time series), DIR/report.md (the summary, also
    printed) and DIR/chart.png (throughput, backlog, channel fill over time; load/report.py).
 
@@ -344,6 +346,7 @@ def _run(stack: ExitStack, args: argparse.Namespace) -> dict[str, Any]:
     tenants = dataset.tenant_names(args.tenants)
     _setup(configs[0], tenants, args.messages)
     campaigns, load = _run_async(_load(pg.url, args, tenants))
+    ceiling_before = _ceiling(pg.url, args, "before the run")
     if args.statements:
         _run_async(_statements(pg.url, STATEMENTS_RESET))
     before = _run_async(stats_snapshot(pg.url))
@@ -356,7 +359,9 @@ def _run(stack: ExitStack, args: argparse.Namespace) -> dict[str, Any]:
     statements = _run_async(_statements(pg.url, TOP_STATEMENTS)) if args.statements else None
     outcome = _run_async(_outcome(pg.url, args, provider, fake))
     results = Results(started_at, loadavg_start, load, watched, fleet, before, after, provider,
-                      outcome, _ceiling(pg.url, args), _run_async(_server_version(pg.url)),
+                      outcome, report.bracketed_ceiling(ceiling_before,
+                                                        _ceiling(pg.url, args, "after the run")),
+                      _run_async(_server_version(pg.url)),
                       meter.figures(), statements)
     figures = figures_of(args, results)
     _write_report(figures, args)
@@ -796,11 +801,11 @@ async def _outcome(url: str, args: argparse.Namespace, provider: dict[str, Any],
             "campaigns": campaigns, "transactional_latencies_ms": latencies}
 
 
-def _ceiling(url: str, args: argparse.Namespace) -> dict[str, Any] | None:
+def _ceiling(url: str, args: argparse.Namespace, when: str) -> dict[str, Any] | None:
     """The ceiling's figures; a failed measurement is reported, it does not sink the run."""
     if not args.ceiling_messages:
         return None
-    say(f"measuring the bare-PostgreSQL ceiling with {args.ceiling_messages:,} rows")
+    say(f"measuring the bare-PostgreSQL ceiling {when} with {args.ceiling_messages:,} rows")
     try:
         result = _run_async(ceiling.measure(url, args.ceiling_messages, args.claim_chunk))
     except (ceiling.CeilingFailed, asyncpg.PostgresError) as error:

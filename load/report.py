@@ -207,6 +207,28 @@ def problems_of(outcome: Mapping[str, Any], exit_codes: Sequence[int | None]) ->
     return problems
 
 
+# Ceilings before and after a run that differ by more than this: the machine's speed changed
+# while the daemons ran, and a ratio to their mean is uncertain.
+CEILING_DRIFT = 0.15
+
+
+def bracketed_ceiling(before: Mapping[str, Any] | None,
+                      after: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The ceilings measured before and after the run, and the figure to rate the run by:
+    their mean (either alone when the other was not measured or failed)."""
+    if before is None and after is None:
+        return None
+    measured = [c for c in (before, after) if c and "error" not in c]
+    if not measured:
+        return {"error": (after or before or {}).get("error", "not measured"),
+                "before": before, "after": after}
+    rates = [c["msgs_per_s"] for c in measured]
+    mean = sum(rates) / len(rates)
+    return {"msgs_per_s": round(mean, 1), "rows": measured[0]["rows"],
+            "claim_size": measured[0]["claim_size"], "before": before, "after": after,
+            "drift": round((max(rates) - min(rates)) / mean, 3)}
+
+
 def ratio(part: float | None, whole: float | None) -> float | None:
     if part is None or not whole:
         return None
@@ -351,8 +373,20 @@ def _ceiling_text(ceiling: Mapping[str, Any] | None) -> str:
         return "not measured"
     if "error" in ceiling:
         return f"failed: {ceiling['error']}"
-    return (f"{_rate(ceiling['msgs_per_s'])} ({ceiling['connections']} connection(s), "
-            f"claims of {ceiling['claim_size']}, {ceiling['rows']:,} rows)")
+    both = [(when, ceiling[when]) for when in ("before", "after")]
+    parts = [f"{when} {_one_ceiling(c)}" for when, c in both if c]
+    text = (f"{_rate(ceiling['msgs_per_s'])}, the mean of {' and '.join(parts)}; "
+            f"claims of {ceiling['claim_size']}, {ceiling['rows']:,} rows")
+    if ceiling["drift"] > CEILING_DRIFT:
+        text += (f" (they differ by {ceiling['drift']:.0%}: the machine's speed changed during "
+                 "the run, so the ratio is uncertain)")
+    return text
+
+
+def _one_ceiling(ceiling: Mapping[str, Any]) -> str:
+    if "error" in ceiling:
+        return f"failed ({ceiling['error']})"
+    return f"{_rate(ceiling['msgs_per_s'])} ({ceiling['connections']} connection(s))"
 
 
 def _wal_text(writes: Mapping[str, Any]) -> str:

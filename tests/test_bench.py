@@ -61,8 +61,12 @@ def test_bench_end_to_end(tmp_path):
     run = figures["run"]
     assert run["msgs_per_s"] > 0 and run["wall_s"] > 0
     assert run["sustained"]["msgs_per_s"] > 0
-    assert figures["ceiling"]["msgs_per_s"] > 0
-    assert {t["connections"] for t in figures["ceiling"]["trials"]} == {1, 2}
+    ceiling = figures["ceiling"]  # measured before and after the run, rated by their mean
+    for measured in (ceiling["before"], ceiling["after"]):
+        assert measured["msgs_per_s"] > 0
+        assert {t["connections"] for t in measured["trials"]} == {1, 2}
+    assert ceiling["msgs_per_s"] == pytest.approx(
+        (ceiling["before"]["msgs_per_s"] + ceiling["after"]["msgs_per_s"]) / 2, abs=0.1)
     assert 0 < figures["ratio"] == pytest.approx(
         run["sustained"]["msgs_per_s"] / figures["ceiling"]["msgs_per_s"], rel=1e-2)
 
@@ -130,6 +134,26 @@ def test_defaults():
 
 
 # --- the pure figures ---------------------------------------------------------------------------
+
+def test_the_ceiling_is_rated_by_the_mean_of_before_and_after_and_drift_is_told():
+    def measured(rate: float) -> dict:
+        return {"msgs_per_s": rate, "rows": 1000, "claim_size": 100, "connections": 2}
+
+    steady = report.bracketed_ceiling(measured(50_000.0), measured(54_000.0))
+    assert steady["msgs_per_s"] == 52_000.0 and steady["drift"] == pytest.approx(0.077, abs=1e-3)
+    text = report._ceiling_text(steady)
+    assert text.startswith("52,000 msgs/s, the mean of before 50,000 msgs/s (2 connection(s)) "
+                           "and after 54,000 msgs/s") and "uncertain" not in text
+
+    drifted = report.bracketed_ceiling(measured(40_000.0), measured(60_000.0))
+    assert "differ by 40%" in report._ceiling_text(drifted)
+
+    one_failed = report.bracketed_ceiling({"error": "boom"}, measured(50_000.0))
+    assert one_failed["msgs_per_s"] == 50_000.0
+    assert "before failed (boom)" in report._ceiling_text(one_failed)
+    assert "error" in report.bracketed_ceiling({"error": "boom"}, {"error": "boom"})
+    assert report.bracketed_ceiling(None, None) is None
+
 
 def test_percentiles_interpolate_between_ranks():
     values = [40.0, 10.0, 30.0, 20.0]  # unsorted on purpose
