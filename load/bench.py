@@ -240,8 +240,8 @@ def _report_options(group: Any) -> None:
                        help="report directory (default load/reports/<timestamp>)")
     group.add_argument("--no-chart", action="store_true", help="skip chart.png")
     group.add_argument("--ceiling-messages", metavar="N", type=_int_in(0, dataset.MAX_MESSAGES),
-                       help="rows for the bare-PostgreSQL ceiling (default min(messages, "
-                            "200000); 0 skips it)")
+                       help="rows for the bare-PostgreSQL ceiling, measured before and after "
+                            "the run (default min(messages, 200000); 0 skips it)")
     group.add_argument("--statements", action="store_true",
                        help="load pg_stat_statements and list the statements that took the "
                             "most PostgreSQL time during the run (for profiling)")

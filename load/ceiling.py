@@ -14,9 +14,9 @@ autocommitted statements with no per-message Python:
    daemon's writer does.
 
 ceiling = rows / elapsed seconds, with 2 connections (one per core of the development machine)
-and with 1; the better is reported, and which it was. Used by bench.py after its daemons have
-stopped, on the same server; `python load/ceiling.py --help` runs it alone against a database
-that has the sendd schema.
+and with 1; the better is reported, and which it was. Used by bench.py before its daemons
+start and after they have stopped, on the same server; `python load/ceiling.py --help` runs it
+alone against a database that has the sendd schema.
 """
 
 from __future__ import annotations
