@@ -4,7 +4,7 @@ Why not httpx (the adapters used it until 2026-12-01): sending one-message reque
 the client's CPU per request, and on the 2-core benchmark VM, 16 concurrent requests to the fake
 provider cost ~600 us of CPU each through httpx, ~400 us through plain httpcore and ~150 us as
 h11 on a trio stream. This client is that last one plus what a sender needs: connection reuse,
-one request per connection at a time, TLS, a deadline per request, and errors that say whether
+one request per connection at a time, TLS, a deadline per phase, and errors that say whether
 the request can have reached the provider (which decides between resending and looking up).
 
 What it leaves out, because provider APIs do not need it: redirects, cookies, proxies,
