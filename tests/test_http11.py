@@ -52,6 +52,11 @@ async def answer_ok_forever(stream: trio.SocketStream) -> None:
         await stream.send_all(OK)
 
 
+async def hang_after_reading(stream: trio.SocketStream) -> None:
+    await read_request(stream)
+    await trio.sleep_forever()
+
+
 def client(url: str, timeout: float = 5.0, connections: int = 4) -> Client:
     return Client(url, {"X-Key": "k"}, timeout=timeout, max_connections=connections)
 
@@ -92,11 +97,7 @@ async def test_a_server_that_closes_without_answering_may_have_acted() -> None:
 
 
 async def test_a_server_that_hangs_may_have_acted_and_the_deadline_holds() -> None:
-    async def hang(stream: trio.SocketStream) -> None:
-        await read_request(stream)
-        await trio.sleep_forever()
-
-    async with server(hang) as (url, _):
+    async with server(hang_after_reading) as (url, _):
         started = trio.current_time()
         with pytest.raises(NoAnswer, match="within 0.2 s"):
             await client(url, timeout=0.2).request("POST", "/send", b"{}")
@@ -111,11 +112,7 @@ async def test_nothing_listening_is_not_submitted() -> None:
 
 
 async def test_waiting_too_long_for_a_free_connection_is_not_submitted() -> None:
-    async def hang(stream: trio.SocketStream) -> None:
-        await read_request(stream)
-        await trio.sleep_forever()
-
-    async with server(hang) as (url, _):
+    async with server(hang_after_reading) as (url, _):
         http = client(url, timeout=1.0, connections=1)
 
         async def held() -> None:
