@@ -375,7 +375,9 @@ def _ceiling_text(ceiling: Mapping[str, Any] | None) -> str:
         return f"failed: {ceiling['error']}"
     both = [(when, ceiling[when]) for when in ("before", "after")]
     parts = [f"{when} {_one_ceiling(c)}" for when, c in both if c]
-    text = (f"{_rate(ceiling['msgs_per_s'])}, the mean of {' and '.join(parts)}; "
+    measured = sum(1 for _, c in both if c and "error" not in c)
+    source = "the mean of" if measured == 2 else "from"
+    text = (f"{_rate(ceiling['msgs_per_s'])}, {source} {' and '.join(parts)}; "
             f"claims of {ceiling['claim_size']}, {ceiling['rows']:,} rows")
     if ceiling["drift"] > CEILING_DRIFT:
         text += (f" (they differ by {ceiling['drift']:.0%}: the machine's speed changed during "
