@@ -30,11 +30,13 @@ from hypothesis.stateful import (
 
 from harness import ALLOWED, STATUSES
 from sendd import campaigns, leases, migrate, tenants
+from sendd.actors.express import claim_express
 from sendd.actors.poller import TENANT_BUDGETS, claim_due
 from sendd.actors.sender import MARK_SUBMITTED
 from sendd.actors.writer import write_results
 from sendd.errors import UserError
 from sendd.model import FAILED, RELEASE, RETRY, SENT, UNKNOWN, BatchResult, Message, Outcome
+from sendd.ratelimit import Governor
 from sendd.runtime import Runtime
 
 ILLEGAL = sorted((a, b) for a in STATUSES for b in STATUSES if a != b and (a, b) not in ALLOWED)
@@ -60,11 +62,16 @@ class Slot:
     unsubmitted: dict[int, Message] = field(default_factory=dict)  # claimed, not marked
     marks: dict[int, list[Message]] = field(default_factory=dict)  # open submission marks
 
-    def runtime(self, chunk: int, paused: set[str]) -> Any:
+    def runtime(self, chunk: int, paused: set[str], max_batch: int = 1000,
+                timeout: float = 1.0) -> Any:
+        account = SimpleNamespace(max_batch=max_batch, single=False, timeout=timeout)
         config = SimpleNamespace(pipeline=SimpleNamespace(claim_chunk=chunk),
-                                 accounts={a: None for a in ACCOUNTS})
-        return Runtime(config=config, instance_id=self.instance_id, pool=None, governor=None,
-                       providers={}, paused_tenants=set(paused))
+                                 accounts={a: account for a in ACCOUNTS})
+        governor = Governor(clock=lambda: 0.0)
+        for name in ACCOUNTS:
+            governor.set_account(name, 0, 0)
+        return Runtime(config=config, instance_id=self.instance_id, pool=None,
+                       governor=governor, providers={}, paused_tenants=set(paused))
 
 
 segment_lists = st.lists(st.integers(1, 3), min_size=2, max_size=8)
@@ -143,7 +150,7 @@ class SendStateMachine(RuleBasedStateMachine):
         favours the first choices, so those that put work in flight come first.
         """
         actions = ["mark_submitted"] if self.holding("unsubmitted") else []
-        actions += ["claim", "lease_lost_and_adopted"]
+        actions += ["claim", "claim_express", "lease_lost_and_adopted"]
         if self.holding("marks"):
             actions += ["write_mark_outcomes"]
         if self.holding("unsubmitted"):
@@ -159,22 +166,61 @@ class SendStateMachine(RuleBasedStateMachine):
         paused = data.draw(st.sets(st.sampled_from(TENANTS), max_size=1), label="paused")
 
         async def claim() -> None:
-            budgets = {r["id"]: r["budget"] for r in await self.conn.fetch(
-                TENANT_BUDGETS, list(TENANTS))}
-            queued = {r["id"] for r in await self.conn.fetch(
-                "SELECT id FROM sendd.message WHERE status = 'queued'")}
+            budgets, queued = await self.budgets_and_queued()
             result = await claim_due(self.conn, slot.runtime(chunk, paused))
-            taken: dict[str, int] = {}
-            for message in result.messages:
-                assert message.id in queued, f"claimed {message.id}, which was not queued"
-                assert message.tenant_id not in paused, "claimed for a paused tenant"
-                taken[message.tenant_id] = taken.get(message.tenant_id, 0) + message.segments
-                slot.unsubmitted[message.id] = message
-            # (f) a claim never takes more than credits minus what is in flight.
-            for tenant, segments in taken.items():
-                assert segments <= budgets[tenant], (tenant, segments, budgets[tenant])
+            assert all(m.campaign_id is not None for m in result.messages)
+            self.check_claimed(result.messages, queued, budgets, paused)
+            slot.unsubmitted.update((m.id, m) for m in result.messages)
 
         self.run(claim())
+
+    def claim_express(self, data) -> None:
+        """The express lane's claim, which writes the batches' marks when the lease outlives the
+        request timeout by the margin (else the sender marks them)."""
+        slot = self.slot(data)
+        chunk = data.draw(st.integers(1, 8), label="chunk")
+        paused = data.draw(st.sets(st.sampled_from(TENANTS), max_size=1), label="paused")
+        max_batch = data.draw(st.integers(1, 3), label="max_batch")
+        timeout = data.draw(st.sampled_from([1.0, 2 * LEASE_SECONDS]), label="timeout")
+
+        async def claim() -> None:
+            budgets, queued = await self.budgets_and_queued()
+            runtime = slot.runtime(chunk, paused, max_batch, timeout)
+            batches = await claim_express(self.conn, runtime)
+            messages = [m for b in batches for m in b.messages]
+            assert all(m.campaign_id is None for m in messages)
+            self.check_claimed(messages, queued, budgets, paused)
+            for batch in batches:
+                assert 1 <= len(batch.messages) <= max_batch
+                assert {(m.account, m.tenant_id) for m in batch.messages} == {
+                    (batch.account, batch.tenant_id)}
+                if batch.submission_id is None:
+                    slot.unsubmitted.update((m.id, m) for m in batch.messages)
+                    continue
+                assert timeout < LEASE_SECONDS, "marked although the lease ends first"
+                slot.marks[batch.submission_id] = batch.messages
+                self.submitted.update(m.id for m in batch.messages)
+
+        self.run(claim())
+
+    async def budgets_and_queued(self) -> tuple[dict[str, int], set[int]]:
+        budgets = {r["id"]: r["budget"] for r in await self.conn.fetch(
+            TENANT_BUDGETS, list(TENANTS))}
+        queued = {r["id"] for r in await self.conn.fetch(
+            "SELECT id FROM sendd.message WHERE status = 'queued'")}
+        return budgets, queued
+
+    @staticmethod
+    def check_claimed(messages: list[Message], queued: set[int], budgets: dict[str, int],
+                      paused: set[str]) -> None:
+        taken: dict[str, int] = {}
+        for message in messages:
+            assert message.id in queued, f"claimed {message.id}, which was not queued"
+            assert message.tenant_id not in paused, "claimed for a paused tenant"
+            taken[message.tenant_id] = taken.get(message.tenant_id, 0) + message.segments
+        # (f) a claim never takes more than credits minus what is in flight.
+        for tenant, segments in taken.items():
+            assert segments <= budgets[tenant], (tenant, segments, budgets[tenant])
 
     def mark_submitted(self, data) -> None:
         slot = self.slot(data, "unsubmitted")

@@ -174,15 +174,22 @@ class Governor:
         else:
             log.set_limit(msgs_per_s)
 
-    def max_batch(self, account: str, tenant: str, single: bool = False) -> int:
+    def max_batch(self, account: str, tenant: str | None, single: bool = False) -> int:
         """Largest unit count one grant can take now: the smallest message limit that applies
-        (and the request limit, when every message is its own request)."""
+        (and the request limit, when every message is its own request); `tenant` None: the
+        account's limits alone."""
         entry = self._accounts[account]
-        limits = [entry.msg_log.limit, self._tenant_log(tenant).limit]
+        limits = [entry.msg_log.limit]
+        if tenant is not None:
+            limits.append(self._tenant_log(tenant).limit)
         if single:
             limits.append(entry.req_log.limit)
         positive = [limit for limit in limits if limit > 0]
         return min(positive) if positive else UNLIMITED_BATCH
+
+    def tenant_limits(self) -> dict[str, int]:
+        """The tenants whose message limit is in force, and that limit."""
+        return {tenant: log.limit for tenant, log in self._tenants.items() if log.limit > 0}
 
     def reserve(self, account: str, tenant: str, units: int, requests: int = 1) -> float:
         """Grant ``units`` messages in ``requests`` requests (one, or one per message for a

@@ -100,8 +100,9 @@ class Runtime:
         """Accounts the poller must not claim for: suspended, paused or not configured here."""
         return sorted(set(self.suspended) | self.paused_accounts)
 
-    def max_batch(self, account: str, tenant: str) -> int:
-        """The largest batch for an account and tenant: provider limit, 413s and rate limits."""
+    def max_batch(self, account: str, tenant: str | None) -> int:
+        """The largest batch for an account and tenant: provider limit, 413s and rate limits
+        (`tenant` None: those of the account alone)."""
         settings = self.config.accounts[account]
         cap = self.batch_cap.get(account, settings.max_batch)
         governed = self.governor.max_batch(account, tenant, settings.single)

@@ -1,8 +1,9 @@
-"""The poller: claims due messages in chunks and hands them to the batcher.
+"""The poller: claims due campaign messages in chunks and hands them to the batcher.
 
 Claims use `FOR UPDATE SKIP LOCKED`, so any number of daemons share one database. Each claim
 takes a share from every sending campaign (fairness: a 1,000,000-message campaign does not hold
-back a 1,000-message one) and transactional messages first. It only claims what each tenant's
+back a 1,000-message one); transactional messages take the express lane
+(sendd.actors.express). It only claims what each tenant's
 credits can pay for, counting what is already in flight, so no tenant is ever overspent.
 Backpressure: `send` on the bounded claims channel blocks while the pipeline is full, and then
 nothing more is claimed.
@@ -27,13 +28,6 @@ WHERE c.status = 'sending' AND t.active AND NOT (t.id = ANY($1::text[]))
 ORDER BY c.id
 """
 
-TRANSACTIONAL_TENANTS = """
-SELECT t.id FROM sendd.tenant t
-WHERE t.active AND NOT (t.id = ANY($1::text[])) AND EXISTS (
-    SELECT 1 FROM sendd.message m
-    WHERE m.tenant_id = t.id AND m.campaign_id IS NULL AND m.status = 'queued')
-"""
-
 # Claimers of one tenant must not spend the same budget twice, yet one claimer at a time
 # caps a daemon at one claim statement's speed. So a tenant has CLAIM_SLOTS claim slots
 # (sendd.lock_claim_slots, migration 0003): with a budget of at least CLAIM_SLOTS shares, a
@@ -43,7 +37,7 @@ WHERE t.active AND NOT (t.id = ANY($1::text[])) AND EXISTS (
 # claim in progress.
 CLAIM_SLOTS = 4
 CAMPAIGN_SLOTS = (0, 2)  # campaign claims take one of slots 0..2; the express lane, slot 3
-EXPRESS_SLOTS = (3, 3)
+EXPRESS_SLOT = 3
 # One share, in segments: the same for every daemon (a daemon spending a larger share than its
 # peers assume could overspend), and larger than any claim needs, so it never limits a claim;
 # tenants with less than CLAIM_SLOTS shares left are claimed one claimer at a time.
@@ -53,8 +47,7 @@ CLAIM_LOCK_SPACE = 0x434C4149  # "CLAI": first key of the slot locks (two-key fo
 # for this transaction only): nothing claimed is sent before its submission mark commits, which
 # is synchronous, and WAL is flushed in order, so the mark's flush makes the claim durable too;
 # a crash before that loses a claim of messages nobody sent, which are simply queued again.
-# That spares every claim an fsync wait, the express lane's included. (In this statement to
-# save a round trip.)
+# That spares every claim an fsync wait. (In this statement to save a round trip.)
 LOCK_SLOTS = """
 SELECT sendd.lock_claim_slots($1::text[], $2::boolean[], $3, $4, $5),
        set_config('synchronous_commit', 'off', true)
@@ -73,34 +66,26 @@ CLAIM = """
 WITH budget AS (
     SELECT * FROM unnest($1::text[], $2::bigint[]) AS b(tenant_id, budget)
 ), candidate AS (
-    SELECT q.id, q.tenant_id, q.segments, 0 AS urgent
+    SELECT q.id, q.tenant_id, q.segments
     FROM unnest($3::bigint[]) AS c(id) CROSS JOIN LATERAL (
         SELECT m.id, m.tenant_id, m.segments FROM sendd.message m
         WHERE m.campaign_id = c.id AND m.status = 'queued' AND m.next_attempt_at <= now()
-          AND m.account = ANY($6::text[])
+          AND m.account = ANY($5::text[])
         ORDER BY m.next_attempt_at, m.id LIMIT $4
-        FOR UPDATE SKIP LOCKED) q
-    UNION ALL
-    SELECT q.id, q.tenant_id, q.segments, 1 AS urgent
-    FROM unnest($5::text[]) AS t(id) CROSS JOIN LATERAL (
-        SELECT m.id, m.tenant_id, m.segments FROM sendd.message m
-        WHERE m.tenant_id = t.id AND m.campaign_id IS NULL AND m.status = 'queued'
-          AND m.next_attempt_at <= now() AND m.account = ANY($6::text[])
-        ORDER BY m.priority DESC, m.next_attempt_at, m.id LIMIT $7
         FOR UPDATE SKIP LOCKED) q
 ), affordable AS (
     SELECT c.id FROM (
         SELECT candidate.id, b.budget, sum(candidate.segments) OVER (
-            PARTITION BY candidate.tenant_id ORDER BY candidate.urgent DESC, candidate.id) AS cost
+            PARTITION BY candidate.tenant_id ORDER BY candidate.id) AS cost
         FROM candidate JOIN budget b USING (tenant_id)) c
     WHERE c.cost <= c.budget
 ), lease AS (
     -- Fenced by our own live lease (KEY SHARE: a reaper cannot adopt us mid-claim), so a
     -- daemon whose work was adopted never claims rows that no lease would ever cover.
     SELECT 1 FROM sendd.instance i
-    WHERE i.id = $8 AND i.stopped_at IS NULL AND i.lease_until > now() FOR KEY SHARE
+    WHERE i.id = $6 AND i.stopped_at IS NULL AND i.lease_until > now() FOR KEY SHARE
 )
-UPDATE sendd.message m SET status = 'sending', lease_owner = $8
+UPDATE sendd.message m SET status = 'sending', lease_owner = $6
 FROM affordable a WHERE m.id = a.id AND sendd.transition_allowed(m.status, 'sending')
   AND EXISTS (SELECT 1 FROM lease)
 RETURNING m.id, m.tenant_id, m.campaign_id, m.account, m.sender, m.recipient, m.body,
@@ -137,37 +122,31 @@ class Claim:
     unserved: dict[str, int]  # tenant -> budget, for tenants that got nothing this time
 
 
-async def claim_due(conn: Any, runtime: Runtime, *, campaigns: bool = True,
-                    transactional: bool = True) -> Claim:
-    """One claim transaction: up to about `claim_chunk` messages, fairly shared, from campaigns,
-    transactional messages (first), or both."""
+async def claim_due(conn: Any, runtime: Runtime) -> Claim:
+    """One claim transaction of campaign messages: up to about `claim_chunk`, a fair share from
+    every sending campaign. (Transactional messages take the express lane: sendd.actors.express.)"""
     if runtime.paused_all:  # operator pause (control socket): claim nothing until resumed
         return Claim([], {})
     chunk = runtime.config.pipeline.claim_chunk
     accounts = [a for a in runtime.config.accounts if a not in runtime.excluded_accounts()]
     paused = sorted(runtime.paused_tenants)
     async with conn.transaction():
-        campaign_rows = await conn.fetch(ACTIVE_CAMPAIGNS, paused) if campaigns else []
-        urgent_tenants = ([r["id"] for r in await conn.fetch(TRANSACTIONAL_TENANTS, paused)]
-                          if transactional else [])
-        tenants = sorted({r["tenant_id"] for r in campaign_rows} | set(urgent_tenants))
+        campaign_rows = await conn.fetch(ACTIVE_CAMPAIGNS, paused)
+        tenants = sorted({r["tenant_id"] for r in campaign_rows})
         if not tenants or not accounts:
             return Claim([], {})
         share = CLAIM_SHARE
         # A slot or alone, by the budget this daemon saw last (a tenant it has not seen yet is
         # claimed alone once): a guess only, the budget is read again under the locks.
         alone = [runtime.budgets.get(t, 0) < CLAIM_SLOTS * share for t in tenants]
-        slots = CAMPAIGN_SLOTS if campaigns else EXPRESS_SLOTS
-        await conn.execute(LOCK_SLOTS, tenants, alone, CLAIM_LOCK_SPACE, *slots)
+        await conn.execute(LOCK_SLOTS, tenants, alone, CLAIM_LOCK_SPACE, *CAMPAIGN_SLOTS)
         budgets = await _budgets(conn, tenants)
         runtime.budgets.update(budgets)
         spendable = [spendable_budget(budgets.get(t, 0), share, exclusive)
                      for t, exclusive in zip(tenants, alone, strict=True)]
-        per_campaign = math.ceil(chunk / max(1, len(campaign_rows)))
-        rows = await conn.fetch(
-            CLAIM, tenants, spendable, [r["id"] for r in campaign_rows],
-            per_campaign, urgent_tenants, accounts, chunk, runtime.instance_id,
-        )
+        per_campaign = math.ceil(chunk / len(campaign_rows))
+        rows = await conn.fetch(CLAIM, tenants, spendable, [r["id"] for r in campaign_rows],
+                                per_campaign, accounts, runtime.instance_id)
     messages = [Message(*row) for row in rows]
     claimed_tenants = {m.tenant_id for m in messages}
     unserved = {t: b for t, b in budgets.items() if t not in claimed_tenants}
@@ -251,8 +230,7 @@ async def _claim_forever(runtime: Runtime, conn: Any, claims: trio.MemorySendCha
             if housekeeping:
                 await housekeep(conn, runtime)
                 next_housekeeping = trio.current_time() + HOUSEKEEPING_INTERVAL
-            # Transactional messages take the express lane (sendd.actors.express).
-            claim = await claim_due(conn, runtime, transactional=False)
+            claim = await claim_due(conn, runtime)
             if housekeeping and claim.unserved:
                 await pause_starved(conn, runtime, claim.unserved)
         if claim.messages:

@@ -77,16 +77,18 @@ async def hand_to_settler(runtime: Runtime, unsettled: trio.MemorySendChannel[Un
 
 
 async def send_batch(runtime: Runtime, batch: Batch) -> list[BatchResult | Unsettled]:
-    """One batch through mark, governor and provider; a 413 splits it and sends the halves.
+    """One batch through mark (unless it has one), governor and provider; a 413 splits it and
+    sends the halves.
 
     The governor comes last before the request, so the time a grant is given is the time the
     request leaves: a slow mark cannot bunch requests up behind it.
     """
     if batch.account in runtime.suspended:
         released = [Outcome(m, RELEASE, counts_attempt=False) for m in batch.messages]
-        return [BatchResult(None, released)]
-    with runtime.working("sender"):
-        batch.submission_id = await mark_submitted(runtime, batch)
+        return [BatchResult(batch.submission_id, released)]  # (a mark, if any, is closed)
+    if batch.submission_id is None:  # express batches come marked by their claim
+        with runtime.working("sender"):
+            batch.submission_id = await mark_submitted(runtime, batch)
     # A single-message account sends each message of the batch as its own request, all at
     # once under the batch's one submission mark: one mark per batch, not per message.
     single = runtime.config.accounts[batch.account].single
