@@ -28,17 +28,27 @@ from sendd.model import (
 from sendd.providers import base
 from sendd.runtime import Runtime
 
+# Only while this instance holds its lease (with `$4` seconds to spare) and still holds every
+# message's claim. A campaign claim commits without waiting for the disk (sendd.actors.poller),
+# so a PostgreSQL crash right after it can undo it while its batch is already in our memory;
+# the messages are then queued again, and a mark written for them would let us send what
+# another claim may send too.
 MARK_SUBMITTED = """
 INSERT INTO sendd.submission (instance_id, account, message_ids)
 SELECT $1, $2, $3::bigint[] WHERE EXISTS (
     SELECT 1 FROM sendd.instance i WHERE i.id = $1 AND i.stopped_at IS NULL
       AND i.lease_until > now() + make_interval(secs => $4))
+  AND (SELECT count(*) FROM sendd.message m WHERE m.id = ANY($3::bigint[]) AND m.lease_owner = $1)
+      = cardinality($3::bigint[])
 RETURNING id
 """
 
-
-LEASE_ALIVE = """
-SELECT 1 FROM sendd.instance WHERE id = $1 AND stopped_at IS NULL AND lease_until > now()
+# Why a mark was not written: the lease ended, or some claim of the batch was undone.
+MARK_REFUSED = """
+SELECT EXISTS (SELECT 1 FROM sendd.instance WHERE id = $1 AND stopped_at IS NULL
+                 AND lease_until > now()) AS alive,
+       (SELECT count(*) FROM sendd.message WHERE id = ANY($2::bigint[]) AND lease_owner = $1)
+           = cardinality($2::bigint[]) AS held
 """
 LEASE_WAIT = 0.05  # seconds between marks while the lease waits for its renewal
 
@@ -84,11 +94,14 @@ async def send_batch(runtime: Runtime, batch: Batch) -> list[BatchResult | Unset
     request leaves: a slow mark cannot bunch requests up behind it.
     """
     if batch.account in runtime.suspended:
-        released = [Outcome(m, RELEASE, counts_attempt=False) for m in batch.messages]
-        return [BatchResult(batch.submission_id, released)]  # (a mark, if any, is closed)
+        return [released(batch)]
     if batch.submission_id is None:  # express batches come marked by their claim
         with runtime.working("sender"):
             batch.submission_id = await mark_submitted(runtime, batch)
+        if batch.submission_id is None:
+            runtime.log.warning("claim_lost", account=batch.account, tenant=batch.tenant_id,
+                                size=len(batch.messages))
+            return [released(batch)]  # the writer puts back only what is still ours
     # A single-message account sends each message of the batch as its own request, all at
     # once under the batch's one submission mark: one mark per batch, not per message.
     single = runtime.config.accounts[batch.account].single
@@ -126,6 +139,12 @@ async def send_batch(runtime: Runtime, batch: Batch) -> list[BatchResult | Unset
     return [BatchResult(batch.submission_id, outcomes)]
 
 
+def released(batch: Batch) -> BatchResult:
+    """The batch put back untouched (it never left); closes its mark, if it has one."""
+    return BatchResult(batch.submission_id,
+                       [Outcome(m, RELEASE, counts_attempt=False) for m in batch.messages])
+
+
 def speaking_for(responses: list[base.SendResponse]) -> base.SendResponse:
     """The answer that decides for a batch sent as several requests: an ambiguous one first
     (then every message is looked up: none may be resent unseen), else the first that is not
@@ -142,8 +161,9 @@ async def wait_for_lease(runtime: Runtime, needed: float) -> None:
         await trio.sleep(LEASE_WAIT)
 
 
-async def mark_submitted(runtime: Runtime, batch: Batch) -> int:
-    """Write the durable mark before the request, fenced by this daemon's lease.
+async def mark_submitted(runtime: Runtime, batch: Batch) -> int | None:
+    """Write the durable mark before the request, fenced by this daemon's lease and claims;
+    None if a claim of the batch was undone (a PostgreSQL crash): it must not be sent.
 
     While the database is away this waits (and the pipeline behind it stops); the heartbeat
     decides when the outage has outlived the lease.
@@ -159,7 +179,7 @@ async def mark_submitted(runtime: Runtime, batch: Batch) -> int:
                                            ids, timeout + LEASE_MARGIN)
                 if mark is not None:
                     return mark
-                alive = await conn.fetchval(LEASE_ALIVE, runtime.instance_id)
+                refused = await conn.fetchrow(MARK_REFUSED, runtime.instance_id, ids)
         except RETRYABLE_ERRORS as error:
             if mark is not None:
                 return mark  # written; only giving the connection back failed: no second mark
@@ -168,8 +188,10 @@ async def mark_submitted(runtime: Runtime, batch: Batch) -> int:
             runtime.log.warning("mark_retry", error=str(error) or type(error).__name__)
             await trio.sleep(retry_delay(min(failures, 6), base=0.2, cap=5.0))
             continue
-        if alive is None:
+        if not refused["alive"]:
             raise LeaseLost(f"lease of instance {runtime.instance_id} ended; not sending")
+        if not refused["held"]:
+            return None
         # The lease is alive but has less than timeout + margin left (the heartbeat is due):
         # wait for the renewal rather than send uncovered or give the lease up.
         await trio.sleep(LEASE_WAIT)
