@@ -1,7 +1,7 @@
 """`sendd run`: wires the actors together and runs them until drained.
 
     poller ─[claims]─► batcher ─[batches]─► sender × N ─[results]─► writer
-    express poller ─[express]─► express sender × 8 ─┤   (transactional messages, claimed marked)
+    express poller ─[express]─► express sender × 8 ─┤   (transactional; marked by the claim)
       reaper ─[unsettled]─► settler ─[results]─┘   (senders hand ambiguous batches to the settler)
 
 Shutdown is layered: a drain cancels only the intake (poller, reaper); everything downstream

@@ -51,7 +51,7 @@ BEGIN
     FROM unnest(tenants) WITH ORDINALITY AS u(t, ord) LEFT JOIN sendd.tenant t ON t.id = u.t;
 
     RETURN QUERY
-    WITH budget AS (
+    WITH budget AS (  -- spendable: the rule of sendd.actors.poller.spendable_budget
         SELECT b.tenant_id, b.budget,
                CASE WHEN b.alone THEN b.budget
                     WHEN b.budget >= slots::bigint * share THEN share ELSE 0 END AS spendable
