@@ -76,7 +76,7 @@ async def _claim_until_dry(url: str, instance_id: str, chunk: int,
 async def _race(url: str, claimers: int, chunk: int) -> tuple[list[list[int]], int]:
     # The last daemon's claimer is its express poller.
     results = await asyncio.gather(*(
-        _claim_until_dry(url, f"daemon-{i}", chunk, "express" if i == claimers - 1 else "")
+        _claim_until_dry(url, f"daemon-{i}", chunk, "express" if i == claimers - 1 else "campaign")
         for i in range(claimers)))
     conn = await asyncpg.connect(url)
     try:
