@@ -21,7 +21,6 @@ from typing import Any
 import trio
 
 from sendd.actors import poller
-from sendd.actors.batcher import group_by_destination
 from sendd.db import keep_connected, listening
 from sendd.leases import LEASE_MARGIN
 from sendd.model import Batch, Message
@@ -90,26 +89,15 @@ async def claim_express(conn: Any, runtime: Runtime) -> list[Batch]:
         list(known), list(known.values()), poller.CLAIM_SHARE, poller.CLAIM_SLOTS,
         poller.CLAIM_LOCK_SPACE, poller.EXPRESS_SLOT, margin)
     runtime.budgets.update({row["tenant_id"]: row["budget"] for row in rows})
-    marked: dict[int, Batch] = {}
-    unmarked: list[Message] = []
+    # The function has cut the claim into batches; a batch without a mark (the lease is due
+    # for renewal) is marked by its sender.
+    batches: dict[tuple[str, str, int], Batch] = {}
     for row in rows:
         if row["id"] is None:
             continue  # a tenant that got nothing: only its budget
         message = Message(*row[:9])
-        mark = row["submission_id"]
-        if mark is None:
-            unmarked.append(message)  # the lease is due for renewal: the sender marks these
-        elif mark in marked:
-            marked[mark].messages.append(message)
-        else:
-            marked[mark] = Batch(message.account, message.tenant_id, [message], mark)
-    return [*marked.values(), *express_batches(runtime, unmarked)]
-
-
-def express_batches(runtime: Runtime, messages: list[Message]) -> list[Batch]:
-    """Claimed messages as provider batches: per account and tenant, at most max_batch each."""
-    batches = []
-    for (account, tenant), group in group_by_destination(messages).items():
-        size = runtime.max_batch(account, tenant)
-        batches += [Batch(account, tenant, group[i:i + size]) for i in range(0, len(group), size)]
-    return batches
+        key = (message.account, message.tenant_id, row["batch"])
+        if key not in batches:
+            batches[key] = Batch(message.account, message.tenant_id, [], row["submission_id"])
+        batches[key].messages.append(message)
+    return list(batches.values())

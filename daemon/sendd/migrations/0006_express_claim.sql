@@ -16,15 +16,16 @@
 -- be written (a request must end before the lease does); without them the messages come back
 -- with no mark and the sender writes one once the heartbeat has renewed the lease.
 --
--- Rows: the claimed messages with their mark (or NULL) and their tenant's budget; and for every
--- tenant that got nothing, one row with only tenant_id and budget.
+-- Rows: the claimed messages with their batch (numbered per account and tenant), its mark (or
+-- NULL) and their tenant's budget; and for every tenant that got nothing, one row with only
+-- tenant_id and budget.
 CREATE FUNCTION sendd.claim_express(
     instance text, accounts text[], batch_sizes integer[], paused text[], chunk integer,
     limited_tenants text[], tenant_limits integer[], known_tenants text[], known_budgets bigint[],
     share bigint, slots integer, first_key integer, slot integer, mark_margin float8)
 RETURNS TABLE (id bigint, tenant_id text, campaign_id bigint, account text, sender text,
                recipient text, body text, segments integer, attempts integer,
-               submission_id bigint, budget bigint)
+               batch bigint, submission_id bigint, budget bigint)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -95,7 +96,7 @@ BEGIN
         RETURNING sendd.submission.id, message_ids[1] AS first_id
     )
     SELECT b.id, b.tenant_id, b.campaign_id, b.account, b.sender, b.recipient, b.body,
-           b.segments, b.attempts, k.id, bu.budget
+           b.segments, b.attempts, b.batch, k.id, bu.budget
     FROM batched b JOIN budget bu USING (tenant_id)
     -- A batch's mark, by its first message (a data-modifying CTE's rows are seen only through
     -- its RETURNING).
@@ -103,7 +104,7 @@ BEGIN
                FROM batched b2 GROUP BY 1, 2, 3) f USING (account, tenant_id, batch)
     LEFT JOIN marks k ON k.first_id = f.first_id
     UNION ALL
-    SELECT NULL, bu.tenant_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, bu.budget
+    SELECT NULL, bu.tenant_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, bu.budget
     FROM budget bu WHERE NOT EXISTS (SELECT 1 FROM claimed c WHERE c.tenant_id = bu.tenant_id)
-    ORDER BY 10, 1;
+    ORDER BY 4, 2, 10, 1;
 END $$;
