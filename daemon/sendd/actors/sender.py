@@ -33,22 +33,22 @@ from sendd.runtime import Runtime
 # so a PostgreSQL crash right after it can undo it while its batch is already in our memory;
 # the messages are then queued again, and a mark written for them would let us send what
 # another claim may send too.
+# (One statement: the mark, or why not: `alive` false, the lease ended; `held` false, some claim
+# of the batch was undone.)
 MARK_SUBMITTED = """
-INSERT INTO sendd.submission (instance_id, account, message_ids)
-SELECT $1, $2, $3::bigint[] WHERE EXISTS (
-    SELECT 1 FROM sendd.instance i WHERE i.id = $1 AND i.stopped_at IS NULL
-      AND i.lease_until > now() + make_interval(secs => $4))
-  AND (SELECT count(*) FROM sendd.message m WHERE m.id = ANY($3::bigint[]) AND m.lease_owner = $1)
-      = cardinality($3::bigint[])
-RETURNING id
-"""
-
-# Why a mark was not written: the lease ended, or some claim of the batch was undone.
-MARK_REFUSED = """
-SELECT EXISTS (SELECT 1 FROM sendd.instance WHERE id = $1 AND stopped_at IS NULL
-                 AND lease_until > now()) AS alive,
-       (SELECT count(*) FROM sendd.message WHERE id = ANY($2::bigint[]) AND lease_owner = $1)
-           = cardinality($2::bigint[]) AS held
+WITH lease AS (
+    SELECT i.lease_until > now() + make_interval(secs => $4) AS covers FROM sendd.instance i
+    WHERE i.id = $1 AND i.stopped_at IS NULL AND i.lease_until > now()
+), held AS (
+    SELECT count(*) = cardinality($3::bigint[]) AS all_ours FROM sendd.message m
+    WHERE m.id = ANY($3::bigint[]) AND m.lease_owner = $1
+), mark AS (
+    INSERT INTO sendd.submission (instance_id, account, message_ids)
+    SELECT $1, $2, $3::bigint[] WHERE (SELECT covers FROM lease) AND (SELECT all_ours FROM held)
+    RETURNING id
+)
+SELECT (SELECT id FROM mark) AS id, EXISTS (SELECT 1 FROM lease) AS alive,
+       (SELECT all_ours FROM held) AS held
 """
 LEASE_WAIT = 0.05  # seconds between marks while the lease waits for its renewal
 
@@ -175,11 +175,11 @@ async def mark_submitted(runtime: Runtime, batch: Batch) -> int | None:
         mark = None
         try:
             async with runtime.pool.acquire() as conn:
-                mark = await conn.fetchval(MARK_SUBMITTED, runtime.instance_id, batch.account,
-                                           ids, timeout + LEASE_MARGIN)
+                answer = await conn.fetchrow(MARK_SUBMITTED, runtime.instance_id, batch.account,
+                                             ids, timeout + LEASE_MARGIN)
+                mark = answer["id"]
                 if mark is not None:
                     return mark
-                refused = await conn.fetchrow(MARK_REFUSED, runtime.instance_id, ids)
         except RETRYABLE_ERRORS as error:
             if mark is not None:
                 return mark  # written; only giving the connection back failed: no second mark
@@ -188,9 +188,9 @@ async def mark_submitted(runtime: Runtime, batch: Batch) -> int | None:
             runtime.log.warning("mark_retry", error=str(error) or type(error).__name__)
             await trio.sleep(retry_delay(min(failures, 6), base=0.2, cap=5.0))
             continue
-        if not refused["alive"]:
+        if not answer["alive"]:
             raise LeaseLost(f"lease of instance {runtime.instance_id} ended; not sending")
-        if not refused["held"]:
+        if not answer["held"]:
             return None
         # The lease is alive but has less than timeout + margin left (the heartbeat is due):
         # wait for the renewal rather than send uncovered or give the lease up.
