@@ -287,3 +287,36 @@ def test_in_flight_rows_of_ended_connections_are_folded_into_one(database_url):
     assert len(before) == 3 and sum(s for _, s in before) == 6
     assert after == [(0, 4), (mine, 2)]
     assert total == 6
+
+
+def test_counters_trigger_plan_does_not_depend_on_the_first_call(database_url):
+    """PL/pgSQL plans a trigger's statements once per server process, for the row counts of
+    the first call. A trigger that joined its transition tables kept the nested loop planned
+    for one row, and a later 2,000-row update on the same connection compared 2,000 x 2,000
+    rows (the writer stalls of 2026-12-02). The plans, read with auto_explain after warming
+    the connection with one-row updates, must not join the transition tables at all."""
+
+    async def work(conn):
+        await add_tenant(conn, "t1", 1_000_000)
+        campaign_id = await add_campaign(conn, "t1")
+        ids = await add_messages(conn, "t1", campaign_id, [1] * 2010)
+        for single in ids[:5]:  # the first calls, one row each: what the plans are made for
+            await set_status(conn, [single], "sending")
+            await set_status(conn, [single], "sent")
+        plans: list[str] = []
+        conn.add_log_listener(lambda _conn, message: plans.append(message.message))
+        await conn.execute("LOAD 'auto_explain'")
+        for setting in ("log_min_duration = 0", "log_nested_statements = on",
+                        "log_level = notice"):
+            await conn.execute(f"SET auto_explain.{setting}")
+        await set_status(conn, ids[10:], "sending")
+        await set_status(conn, ids[10:], "sent")
+        await conn.execute("RESET auto_explain.log_min_duration")
+        transition_plans = [p for p in plans if "Named Tuplestore Scan" in p]
+        assert transition_plans, plans
+        for plan in transition_plans:
+            assert "Join" not in plan and "Nested Loop" not in plan, plan
+        row = await campaign(conn, campaign_id)
+        assert row["sent"] == 2005
+
+    with_db(database_url, work)

@@ -227,9 +227,10 @@ def _add_run(commands: Any, common: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace, config: Config) -> int:
     from sendd import logs
-    from sendd.daemon import run_daemon
+    from sendd.daemon import run_daemon, tune_gc
 
     logs.configure(config.daemon.log_level, config.daemon.log_format)
+    tune_gc()
     return db.run(lambda: run_daemon(config))
 
 

@@ -11,6 +11,7 @@ finishes as its input channel ends, under the stop timeout. Then what never left
 from __future__ import annotations
 
 import functools
+import gc
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +40,22 @@ from sendd.supervisor import CrashLoop, Supervisor, first_leaf
 
 UNSETTLED_CAPACITY = 64
 STATUS_INTERVAL = 5.0  # seconds between STATUS= lines to systemd
+# The cyclic garbage collector's first threshold (CPython's default is 700 allocations). A
+# running daemon allocates a few objects per message, most of them freed by reference counting
+# within milliseconds; at 700 the collector ran every few hundred messages and traversed every
+# claimed message still in the pipeline, ~10 % of the daemon's CPU. At 50,000 it runs a few
+# times a second; what cycles it finds (trio's cancelled scopes, exceptions) wait that long.
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """Collect cyclic garbage less often, and never traverse what start-up left (modules,
+    configuration): `gc.freeze()` moves it out of the collector's sight for good."""
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
 # Actors that run for the daemon's whole life, beside the (rebuildable) pipeline.
 SERVICE_ACTORS = ("heartbeat", "control", "http")
 
