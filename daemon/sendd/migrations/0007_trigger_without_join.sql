@@ -27,7 +27,7 @@ BEGIN
            array_agg(c.undelivered), array_agg(c.unknown), array_agg(c.cancelled),
            array_agg(c.debit),
            bool_or(c.sent <> 0 OR c.failed <> 0 OR c.delivered <> 0 OR c.undelivered <> 0
-                   OR c.unknown <> 0 OR c.cancelled <> 0 OR c.debit <> 0)
+                   OR c.unknown <> 0 OR c.cancelled <> 0 OR c.debit <> 0)  -- beyond in_flight
     INTO tenant_ids, campaign_ids, in_flight, sent, failed, delivered, undelivered, unknown,
          cancelled, debit, counted
     FROM (SELECT r.tenant_id, r.campaign_id,
@@ -44,7 +44,11 @@ BEGIN
                 UNION ALL
                 SELECT o.tenant_id, o.campaign_id, o.status, o.segments, -1
                 FROM old_rows o) r
-          GROUP BY r.tenant_id, r.campaign_id) c;
+          GROUP BY r.tenant_id, r.campaign_id) c
+    -- Groups where nothing changed (no status or segments changed) drop out, as the join's
+    -- filter dropped unchanged rows: a statement that changes no status returns here.
+    WHERE c.in_flight <> 0 OR c.sent <> 0 OR c.failed <> 0 OR c.delivered <> 0
+       OR c.undelivered <> 0 OR c.unknown <> 0 OR c.cancelled <> 0 OR c.debit <> 0;
     IF tenant_ids IS NULL THEN
         RETURN NULL;
     END IF;
