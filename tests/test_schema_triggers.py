@@ -293,8 +293,9 @@ def test_counters_trigger_plan_does_not_depend_on_the_first_call(database_url):
     """PL/pgSQL plans a trigger's statements once per server process, for the row counts of
     the first call. A trigger that joined its transition tables kept the nested loop planned
     for one row, and a later 2,000-row update on the same connection compared 2,000 x 2,000
-    rows (the writer stalls of 2026-12-02). The plans, read with auto_explain after warming
-    the connection with one-row updates, must not join the transition tables at all."""
+    rows (the multi-daemon writer stalls, found on 2026-12-02). The plans, read with
+    auto_explain after warming the connection with one-row updates, must not join the
+    transition tables at all."""
 
     async def work(conn):
         await add_tenant(conn, "t1", 1_000_000)

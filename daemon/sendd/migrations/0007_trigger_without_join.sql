@@ -7,7 +7,7 @@
 -- (tenant, campaign) are the same deltas; a scan and an aggregate, linear whatever the plan.
 -- `counted` (anything beyond the in-flight segments to do) is now "some counter changed": the
 -- statuses that no counter sees are exactly queued and sending, the claims and releases that
--- the old test left out. Everything else is as in 0005.
+-- the old condition left out. Everything else is as in 0005.
 CREATE OR REPLACE FUNCTION sendd.message_status_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     tenant_ids text[];
