@@ -99,7 +99,8 @@ async def test_a_batch_still_held_is_marked(database_url: str) -> None:
         runtime = _runtime(pool)
         async with pool.acquire() as conn:
             messages = await _claim_ten(conn, runtime)
-        mark = await sender.mark_submitted(runtime, Batch("main", "shop", messages))
+        mark, refusal = await sender.mark_submitted(runtime, Batch("main", "shop", messages))
+        assert refusal == ""
         async with pool.acquire() as conn:
             ids = await conn.fetchval("SELECT message_ids FROM sendd.submission WHERE id = $1",
                                       mark)

@@ -231,8 +231,10 @@ class SendStateMachine(RuleBasedStateMachine):
                                                        slot.unsubmitted[first].tenant_id))
         ids = data.draw(st.lists(st.sampled_from(group), min_size=1, unique=True), label="ids")
         account = slot.unsubmitted[first].account
+        campaigns = sorted({m.campaign_id for i, m in slot.unsubmitted.items() if i in ids
+                            and m.campaign_id is not None})
         mark = self.run(self.conn.fetchval(MARK_SUBMITTED, slot.instance_id, account, ids,
-                                           margin))
+                                           margin, campaigns))
         if mark is None:
             return  # lease gone: the sender would raise LeaseLost and not send
         slot.marks[mark] = [slot.unsubmitted.pop(i) for i in ids]

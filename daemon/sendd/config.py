@@ -159,6 +159,10 @@ class RetryConfig:
     base_delay: float = _key(3.0, _positive(86_400))
     max_delay: float = _key(600.0, _positive(86_400))
     jitter: float = _key(0.2, _nums(0, 1))
+    # A provider that cannot be reached is probed with backoff up to this many seconds apart.
+    probe_cap: float = _key(60.0, _positive(3600))
+    # An account unreachable this long pauses the campaigns waiting for it (with the reason).
+    provider_down_pause: float = _key(3600.0, _positive(30 * 86_400))
 
 
 @dataclass(frozen=True)

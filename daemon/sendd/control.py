@@ -279,6 +279,7 @@ def _account_status(runtime: Runtime, name: str) -> dict[str, Any]:
         "configured_msgs_per_s": account.msgs_per_s, "configured_reqs_per_s": account.reqs_per_s,
         "max_batch": min(account.max_batch, runtime.batch_cap.get(name, account.max_batch)),
         "paused": name in runtime.paused_accounts, "suspended": runtime.suspended.get(name),
+        "breaker": runtime.breakers.describe(name, trio.current_time()),
     }
 
 

@@ -107,6 +107,10 @@ def format_status(status: dict[str, Any]) -> str:
             rate += f" (configured {_limit(configured[0])}, {_limit(configured[1])})"
         notes = ["PAUSED"] if a["paused"] else []
         notes += [f"SUSPENDED: {a['suspended']}"] if a["suspended"] else []
+        breaker = a.get("breaker", {})
+        if breaker.get("state", "closed") != "closed":
+            notes.append(f"UNREACHABLE for {breaker['failing_for_s']}s, next probe in "
+                         f"{breaker['next_probe_in_s']}s: {breaker['reason']}")
         lines.append(f"  {name}: {rate}, max batch {a['max_batch']}"
                      + "".join(f"; {n}" for n in notes))
     outcomes = ", ".join(f"{k} {v}" for k, v in sorted(status["outcomes"].items()))

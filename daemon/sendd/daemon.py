@@ -112,6 +112,7 @@ async def _start_runtime(config: Config, pool: Any) -> Runtime:
     runtime = Runtime(config, instance_id, pool, governor, providers,
                       lease_valid_until=registered + config.pipeline.lease_seconds)
     runtime.log = runtime.log.bind(instance=instance_id)
+    runtime.breakers.probe_cap = config.retry.probe_cap
     return runtime
 
 
@@ -233,6 +234,7 @@ async def _apply_rebuild(runtime: Runtime) -> None:
     for name in set(runtime.providers) - set(new.accounts):
         await runtime.providers.pop(name).aclose()
     runtime.config = new
+    runtime.breakers.probe_cap = new.retry.probe_cap
     runtime.log.info("pipeline_rebuilt", released=released, accounts=sorted(new.accounts))
 
 

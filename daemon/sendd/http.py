@@ -111,6 +111,7 @@ def health_problems(runtime: Runtime) -> list[str]:
         if now - at < RESTART_MEMORY:
             reasons.append(f"{actor}: restarted {now - at:.0f}s ago "
                            f"({runtime.restarts.get(actor, 0)} restarts)")
+    reasons += runtime.breakers.problems(now)
     for actor, busy in sorted(runtime.stalled().items()):
         reasons.append(f"{actor}: wedged, no progress for {busy:.0f}s")
     if runtime.lease_valid_until < now:

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_late
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from sendd.breaker import State
 from sendd.db import RETRYABLE_ERRORS
 
 if TYPE_CHECKING:
@@ -97,11 +98,24 @@ class StateCollector(Collector):
             capacity.add_metric([name], stats.max_buffer_size)
         yield used
         yield capacity
+        yield _breaker_states(rt)
         restarts = CounterMetricFamily("sendd_actor_restarts", "Actor restarts by the supervisor",
                                        labels=["actor"])
         for actor in sorted(set(rt.actors) | set(rt.restarts)):
             restarts.add_metric([actor], rt.restarts.get(actor, 0))
         yield restarts
+
+
+def _breaker_states(rt: Runtime) -> GaugeMetricFamily:
+    """1 for each account's current breaker state (closed: its provider answers)."""
+    family = GaugeMetricFamily(
+        "sendd_account_breaker", "Account circuit breaker state (1 = current)",
+        labels=["account", "state"])
+    for account in sorted(rt.config.accounts):
+        current = rt.breakers.get(account).state
+        for state in State:
+            family.add_metric([account, state.value], float(state is current))
+    return family
 
 
 async def refresh_database_gauges(runtime: Runtime) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 import trio
 
+from sendd.breaker import Breakers
 from sendd.config import Config
 from sendd.metrics import Metrics
 from sendd.providers.base import Provider
@@ -41,6 +42,8 @@ class Runtime:
     governor: Governor
     providers: dict[str, Provider]
     log: Any = field(default_factory=structlog.get_logger)
+    # Accounts whose provider cannot be reached are held back by their breaker (sendd.breaker).
+    breakers: Breakers = field(init=False)
     # Accounts suspended by the provider (401/403/402): account -> reason.
     suspended: dict[str, str] = field(default_factory=dict)
     # Operator pauses (control socket).
@@ -87,6 +90,7 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self)
+        self.breakers = Breakers()  # its probe_cap is the configuration's (sendd.daemon)
 
     @property
     def outcomes(self) -> Counter[str]:
@@ -97,8 +101,12 @@ class Runtime:
         return by_status
 
     def excluded_accounts(self) -> list[str]:
-        """Accounts the poller must not claim for: suspended, paused or not configured here."""
-        return sorted(set(self.suspended) | self.paused_accounts)
+        """Accounts the poller must not claim for: suspended, paused, or held back by their
+        breaker (the provider cannot be reached; a probe is on the wire)."""
+        now = trio.current_time()
+        unreachable = {a for a in self.breakers.unavailable_accounts()
+                       if not self.breakers.may_claim(a, now)}
+        return sorted(set(self.suspended) | self.paused_accounts | unreachable)
 
     def max_batch(self, account: str, tenant: str | None) -> int:
         """The largest batch for an account and tenant: provider limit, 413s and rate limits

@@ -116,6 +116,18 @@ RETURNING id
 """
 
 
+# Campaigns with messages waiting for an account whose provider has been unreachable for
+# `retry.provider_down_pause`: paused with the reason instead of waiting on unseen (an operator
+# resumes them once the provider is back, or moves the messages to another account).
+PAUSE_FOR_PROVIDER = """
+UPDATE sendd.campaign c SET status = 'paused', pause_reason = $2
+WHERE c.status = 'sending' AND EXISTS (
+    SELECT 1 FROM sendd.message m
+    WHERE m.campaign_id = c.id AND m.status = 'queued' AND m.account = $1)
+RETURNING c.id
+"""
+
+
 @dataclass
 class Claim:
     messages: list[Message]
@@ -241,7 +253,19 @@ async def _claim_forever(runtime: Runtime, conn: Any, claims: trio.MemorySendCha
 
 
 async def housekeep(conn: Any, runtime: Runtime) -> None:
-    """Start scheduled campaigns that are due; pick up tenants' rate limits."""
+    """Start scheduled campaigns that are due; pick up tenants' rate limits; pause campaigns
+    that have waited too long for an unreachable provider."""
     await conn.execute(START_SCHEDULED)
     for row in await conn.fetch("SELECT id, rate_msgs_per_s FROM sendd.tenant"):
         runtime.governor.set_tenant(row["id"], row["rate_msgs_per_s"])
+    await pause_for_unreachable(conn, runtime)
+
+
+async def pause_for_unreachable(conn: Any, runtime: Runtime) -> None:
+    after = runtime.config.retry.provider_down_pause
+    for account in runtime.breakers.due_for_pause(trio.current_time(), after):
+        breaker = runtime.breakers.get(account)
+        reason = (f"account {account} unreachable for {after:g} s: {breaker.reason}")[:500]
+        for row in await conn.fetch(PAUSE_FOR_PROVIDER, account, reason):
+            runtime.log.warning("campaign_paused", campaign=row["id"], account=account,
+                                reason=reason)

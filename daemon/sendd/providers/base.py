@@ -15,6 +15,7 @@ TOO_LARGE = "too_large"  # 413: split and retry
 THROTTLED = "throttled"  # 429: retry later, slow the account down
 UNAVAILABLE = "unavailable"  # 5xx or refused before the request went out: retry with backoff
 AMBIGUOUS = "ambiguous"  # timeout or lost connection after the body went out
+LOCAL = "local"  # this machine's own trouble (no file descriptors): nothing went out
 
 
 @dataclass(slots=True)

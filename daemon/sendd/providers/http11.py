@@ -13,6 +13,7 @@ compression, HTTP/2 and retries (the sender decides about retries).
 
 from __future__ import annotations
 
+import errno
 import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -29,6 +30,15 @@ _CLOSED = "the server closed the connection without a complete answer"
 class NotSubmitted(Exception):
     """No byte of the request can have reached the server (no free connection within the
     deadline, or no connection): resending is safe."""
+
+
+class LocalFailure(NotSubmitted):
+    """This machine could not even try (out of file descriptors, buffers or memory): says
+    nothing about the provider or the message."""
+
+
+# Errors of our own making when opening a connection, not the provider's.
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class NoAnswer(Exception):
@@ -127,7 +137,11 @@ class Client:
                     await stream.do_handshake()
         except trio.TooSlowError:
             raise NotSubmitted(f"connect timed out after {self.timeout:g} s") from None
-        except (OSError, trio.BrokenResourceError) as error:
+        except OSError as error:
+            if _is_local(error):
+                raise LocalFailure(f"cannot open a connection: {_reason(error)}") from None
+            raise NotSubmitted(f"cannot connect: {_reason(error)}") from None
+        except trio.BrokenResourceError as error:
             raise NotSubmitted(f"cannot connect: {_reason(error)}") from None
         return _Connection(stream)
 
@@ -197,6 +211,16 @@ class _Connection:
             elif type(event) is h11.ConnectionClosed:
                 raise h11.RemoteProtocolError(_CLOSED)
             # InformationalResponse (1xx): wait for the final answer.
+
+
+def _is_local(error: BaseException) -> bool:
+    """An errno of our own making anywhere in the error (trio's connect reports each address's
+    failure in an exception group behind its own OSError)."""
+    if getattr(error, "errno", None) in LOCAL_ERRNOS:
+        return True
+    if isinstance(error, BaseExceptionGroup):
+        return any(_is_local(e) for e in error.exceptions)
+    return error.__cause__ is not None and _is_local(error.__cause__)
 
 
 def _reason(error: BaseException) -> str:

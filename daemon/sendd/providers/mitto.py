@@ -13,6 +13,7 @@ from sendd.model import Message
 from sendd.providers.base import (
     AMBIGUOUS,
     FAILED,
+    LOCAL,
     OK,
     SUSPEND,
     THROTTLED,
@@ -22,7 +23,7 @@ from sendd.providers.base import (
     MessageResult,
     SendResponse,
 )
-from sendd.providers.http11 import Client, NoAnswer, NotSubmitted, Response
+from sendd.providers.http11 import Client, LocalFailure, NoAnswer, NotSubmitted, Response
 
 BULK_PATH = "/api/v1.1/Messages/sendmessagesbulk"
 SINGLE_PATH = "/api/v1.1/Messages/send"
@@ -85,6 +86,8 @@ class MittoProvider:
         """The 200 response, or the whole request's outcome classified."""
         try:
             response = await self._client.request("POST", path, orjson.dumps(body))
+        except LocalFailure as error:
+            return SendResponse(LOCAL, error=str(error))
         except NotSubmitted as error:
             return SendResponse(UNAVAILABLE, error=f"connection failed: {error}")
         except NoAnswer as error:
