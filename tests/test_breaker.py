@@ -5,16 +5,33 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sendd.breaker import Admission, Breakers, State
+from sendd.breaker import OPEN_AFTER, Admission, Breakers, State
 
 TIMEOUT = 10.0
 
 
+def fail_in_a_row(breakers: Breakers, now: float) -> bool:
+    """OPEN_AFTER requests admitted together, all unavailable; True if that opened it."""
+    tickets = [breakers.admit("a", now, TIMEOUT) for _ in range(OPEN_AFTER)]
+    return [breakers.unavailable("a", t, "connection refused", now) for t in tickets][-1]
+
+
+def test_one_unavailable_answer_among_answers_does_not_open_it() -> None:
+    breakers = Breakers()
+    for _ in range(5):
+        tickets = [breakers.admit("a", 0.0, TIMEOUT) for _ in range(OPEN_AFTER)]
+        for ticket in tickets[:-1]:
+            assert not breakers.unavailable("a", ticket, "503", 0.0)
+        breakers.answered("a", tickets[-1])
+    assert breakers.get("a").state is State.CLOSED
+    assert fail_in_a_row(breakers, 0.0)
+    assert breakers.get("a").state is State.OPEN
+
+
 def test_an_unreachable_provider_holds_the_account_back_and_probes_with_backoff() -> None:
     breakers = Breakers(probe_cap=8.0)
-    ticket = breakers.admit("a", 0.0, TIMEOUT)
-    assert ticket.admission is Admission.SEND
-    assert breakers.unavailable("a", ticket, "connection refused", 0.5)
+    assert breakers.admit("a", 0.0, TIMEOUT).admission is Admission.SEND
+    assert fail_in_a_row(breakers, 0.5)
     assert breakers.get("a").state is State.OPEN
     assert not breakers.may_claim("a", 1.0)
     assert breakers.admit("a", 1.0, TIMEOUT).admission is Admission.HOLD
@@ -40,8 +57,8 @@ def test_an_unreachable_provider_holds_the_account_back_and_probes_with_backoff(
 
 def test_requests_on_the_wire_when_it_opened_neither_close_nor_lengthen_it() -> None:
     breakers = Breakers()
-    first, second = breakers.admit("a", 0.0, TIMEOUT), breakers.admit("a", 0.0, TIMEOUT)
-    assert breakers.unavailable("a", first, "503", 1.0)
+    second = breakers.admit("a", 0.0, TIMEOUT)
+    assert fail_in_a_row(breakers, 1.0)
     assert not breakers.unavailable("a", second, "503", 1.0)  # the same news: no escalation
     assert breakers.get("a").failures == 1
     assert not breakers.answered("a", second)  # an old answer does not vouch for now
@@ -81,7 +98,7 @@ def test_an_abandoned_probe_hands_over_at_once() -> None:
 
 def test_campaigns_are_paused_once_per_period_of_unreachability() -> None:
     breakers = Breakers()
-    breakers.unavailable("a", breakers.admit("a", 0.0, TIMEOUT), "refused", 100.0)
+    fail_in_a_row(breakers, 100.0)
     assert breakers.due_for_pause(100.0 + 3599, 3600) == []
     assert breakers.due_for_pause(100.0 + 3600, 3600) == ["a"]
     assert breakers.due_for_pause(100.0 + 3700, 3600) == []

@@ -182,32 +182,35 @@ def test_429_and_503_are_retried_and_every_message_is_sent_once(tmp_path: Path,
     assert stats["duplicate_references"] == 0
     assert status_counts(database_url, campaign_id) == {"sent": total}
     assert (row["sent"], row["failed"]) == (total, 0)
-    # 503s use attempts (429s do not): some messages needed more than one.
-    assert scalar(database_url, "SELECT max(attempts) FROM sendd.message") >= 2
+    # Neither 503s (the provider, not the message) nor 429s use attempts: one each, the send.
+    assert scalar(database_url, "SELECT max(attempts) FROM sendd.message") == 1
     assert_billing(database_url, "acme", 10_000, total)
 
 
-def test_provider_that_always_fails_exhausts_attempts(tmp_path: Path, database_url: str):
+def test_provider_that_always_answers_503_holds_and_then_pauses_never_fails(
+        tmp_path: Path, database_url: str):
+    """503 says the provider is down, not that the messages are bad: they wait queued with no
+    attempt used, the account is held back and probed, and once it has been down for
+    `retry.provider_down_pause` the campaign is paused with the reason."""
     total = 300
     with FakeProvider("--status-override", "503") as provider:
         config = write_config(tmp_path / "sendd.toml", database_url, provider.url,
                               accounts={"main": {"max_batch": 100}},
-                              retry={"max_attempts": 3, "base_delay": 0.05, "max_delay": 0.2})
+                              retry={"max_attempts": 3, "probe_cap": 1.0,
+                                     "provider_down_pause": 4.0})
         setup_database(config, {"acme": 1_000})
         campaign_id = enqueue(config, tmp_path, "acme", numbers(total))["campaign_id"]
-        with Daemon(config, tmp_path / "daemon.log").wait_ready():
-            row = wait_campaign(database_url, campaign_id, "completed", 30)
+        with Daemon(config, tmp_path / "daemon.log").wait_ready() as daemon:
+            row = wait_campaign(database_url, campaign_id, "paused", 30)
+            assert daemon.events("account_unavailable")
         stats = provider.stats()
 
-    assert status_counts(database_url, campaign_id) == {"failed": total}
-    rows = query(database_url, "SELECT error_code, attempts, count(*) FROM sendd.message "
-                               "GROUP BY error_code, attempts")
-    assert [(r["error_code"], r["attempts"], r["count"]) for r in rows] == \
-        [("UNAVAILABLE", 3, total)]
-    # At least 3 batches of 100, each tried 3 times; nothing but 503s.
-    assert set(stats["responses"]) == {"503"} and stats["responses"]["503"] >= 9
+    assert status_counts(database_url, campaign_id) == {"queued": total}
+    assert scalar(database_url, "SELECT max(attempts) FROM sendd.message") == 0
+    assert row["pause_reason"].startswith("account main unreachable for 4 s: HTTP 503"), row
+    # Probes (one message each) a second or so apart, not a retry storm.
+    assert set(stats["responses"]) == {"503"} and stats["responses"]["503"] < 30
     assert stats["accepted"] == 0
-    assert (row["failed"], row["sent"]) == (total, 0)
     assert_billing(database_url, "acme", 1_000, 0)
 
 

@@ -6,8 +6,8 @@ request that timed out after the body went out (ambiguous) must not be followed 
 thousand-message batches that would time out too and all need settling. So:
 
 - **closed**: send as usual.
-- **open** (after an unavailable answer): claim nothing for the account and put back what
-  reaches a sender, until the backoff ends (1 s, doubling, capped at `probe_cap`).
+- **open** (after OPEN_AFTER unavailable answers in a row): claim nothing for the account and
+  put back what reaches a sender, until the backoff ends (1 s, doubling, capped at `probe_cap`).
 - **half-open** (the backoff ended, or right after an ambiguous answer): the next batch is a
   *probe*: its first message alone is sent, the rest put back.
 - **probing** (the probe is on the wire): everything else is put back, nothing claimed.
@@ -26,6 +26,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 PROBE_BASE = 1.0  # seconds of the first backoff
+# Unavailable answers in a row (none answered in between) that open a closed breaker: one 503
+# among many answers is a hiccup, retried on its own; an outage fails every request in flight
+# within milliseconds.
+OPEN_AFTER = 3
 
 
 class State(StrEnum):
@@ -59,6 +63,7 @@ class AccountBreaker:
     epoch: int = 0  # bumped on every change of state
     retry_at: float = 0.0  # OPEN: when the next probe may go; PROBING: when to give it up
     failures: int = 0  # failed probes in a row (backoff exponent)
+    in_a_row: int = 0  # CLOSED: unavailable answers since the last answer
     failing_since: float | None = None  # first failure since the last answer
     reason: str = ""  # the last failure, for status, health and logs
     campaigns_paused_at: float | None = None  # when its waiting campaigns were last paused
@@ -105,7 +110,10 @@ class Breakers:
         """The provider answered the request; True if that closed the breaker (the account
         recovered)."""
         breaker = self.get(account)
-        if breaker.state is State.CLOSED or ticket.epoch != breaker.epoch:
+        if breaker.state is State.CLOSED:
+            breaker.in_a_row = 0
+            return False
+        if ticket.epoch != breaker.epoch:
             return False
         self._change(breaker, State.CLOSED)
         breaker.failures, breaker.failing_since, breaker.reason = 0, None, ""
@@ -163,6 +171,10 @@ class Breakers:
         breaker = self.get(account)
         if ticket.epoch != breaker.epoch:
             return False  # sent before the last change: it says nothing new
+        if breaker.state is State.CLOSED and wait:
+            breaker.in_a_row += 1
+            if breaker.in_a_row < OPEN_AFTER:
+                return False
         if breaker.failing_since is None:
             breaker.failing_since = now
         breaker.reason = reason
@@ -178,3 +190,4 @@ class Breakers:
     def _change(breaker: AccountBreaker, state: State) -> None:
         breaker.state = state
         breaker.epoch += 1
+        breaker.in_a_row = 0

@@ -115,6 +115,9 @@ def format_status(status: dict[str, Any]) -> str:
                      + "".join(f"; {n}" for n in notes))
     outcomes = ", ".join(f"{k} {v}" for k, v in sorted(status["outcomes"].items()))
     lines.append(f"outcomes:  {outcomes or 'none yet'}")
+    for account, waiting in status.get("unserved_accounts", {}).items():
+        lines.append(f"UNSERVED:  account {account}: {waiting} messages waiting, "
+                     "and no running daemon is configured for it")
     for actor, reason in status.get("problems", {}).items():
         lines.append(f"PROBLEM:   {actor}: {reason}")
     return "\n".join(lines)

@@ -39,6 +39,8 @@ from sendd.runtime import Runtime, new_instance_id
 from sendd.supervisor import CrashLoop, Supervisor, first_leaf
 
 UNSETTLED_CAPACITY = 64
+# What this daemon sends for, so every daemon can tell messages no daemon serves (sendd.unserved).
+SERVED_ACCOUNTS = "UPDATE sendd.instance SET accounts = $2 WHERE id = $1"
 STATUS_INTERVAL = 5.0  # seconds between STATUS= lines to systemd
 # The cyclic garbage collector's first threshold (CPython's default is 700 allocations). A
 # running daemon allocates a few objects per message, most of them freed by reference counting
@@ -103,6 +105,7 @@ async def _start_runtime(config: Config, pool: Any) -> Runtime:
         instance_id = new_instance_id(config.daemon.instance_id)
         registered = trio.current_time()
         await leases.register(conn, instance_id, config.pipeline.lease_seconds)
+        await conn.execute(SERVED_ACCOUNTS, instance_id, sorted(config.accounts))
     governor = Governor()
     for account in config.accounts.values():
         governor.set_account(account.name, account.msgs_per_s, account.reqs_per_s)
@@ -221,9 +224,10 @@ async def _relay(cause: trio.Event, effect: trio.Event) -> None:
 async def _apply_rebuild(runtime: Runtime) -> None:
     """Between two pipelines: put back the claims the stopped intake held, then switch the
     configuration, providers and rate limits."""
+    old, new = runtime.config, runtime.next_config
     async with runtime.pool.acquire() as conn:
         released = await leases.release_unsubmitted(conn, runtime.instance_id)
-    old, new = runtime.config, runtime.next_config
+        await conn.execute(SERVED_ACCOUNTS, runtime.instance_id, sorted(new.accounts))
     connections = provider_connections(new.pipeline)
     for name, account in new.accounts.items():
         if old.accounts.get(name) != account or name not in runtime.providers:

@@ -23,6 +23,7 @@ from sendd.config import Config
 from sendd.metrics import Metrics
 from sendd.providers.base import Provider
 from sendd.ratelimit import Governor
+from sendd.unserved import UnservedWatch
 
 # Longer than the longest retry backoff (5 s), so a problem stays visible between attempts.
 PROBLEM_MEMORY = 12.0
@@ -44,6 +45,8 @@ class Runtime:
     log: Any = field(default_factory=structlog.get_logger)
     # Accounts whose provider cannot be reached are held back by their breaker (sendd.breaker).
     breakers: Breakers = field(init=False)
+    # Messages whose account no daemon serves (sendd.unserved), kept by the lead poller.
+    unserved: UnservedWatch = field(default_factory=UnservedWatch)
     # Accounts suspended by the provider (401/403/402): account -> reason.
     suspended: dict[str, str] = field(default_factory=dict)
     # Operator pauses (control socket).

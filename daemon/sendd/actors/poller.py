@@ -18,6 +18,7 @@ from typing import Any
 
 import trio
 
+from sendd import unserved
 from sendd.db import keep_connected, listening
 from sendd.model import Message
 from sendd.runtime import Runtime
@@ -160,6 +161,8 @@ async def claim_due(conn: Any, runtime: Runtime) -> Claim:
         rows = await conn.fetch(CLAIM, tenants, spendable, [r["id"] for r in campaign_rows],
                                 per_campaign, accounts, runtime.instance_id)
     messages = [Message(*row) for row in rows]
+    runtime.unserved.saw([r["id"] for r in campaign_rows], {m.campaign_id for m in messages},
+                         trio.current_time())
     claimed_tenants = {m.tenant_id for m in messages}
     unserved = {t: b for t, b in budgets.items() if t not in claimed_tenants}
     return Claim(messages, unserved)
@@ -259,6 +262,7 @@ async def housekeep(conn: Any, runtime: Runtime) -> None:
     for row in await conn.fetch("SELECT id, rate_msgs_per_s FROM sendd.tenant"):
         runtime.governor.set_tenant(row["id"], row["rate_msgs_per_s"])
     await pause_for_unreachable(conn, runtime)
+    await unserved.check(conn, runtime.unserved, trio.current_time(), runtime.log)
 
 
 async def pause_for_unreachable(conn: Any, runtime: Runtime) -> None:

@@ -356,9 +356,11 @@ def outcomes_of(runtime: Runtime, messages: list[Message], response: base.SendRe
         return [retry_or_fail(m, "HTTP_413", response.error, retry) for m in messages]
     if provider_up:
         return [retry_or_fail(m, "UNAVAILABLE", response.error, retry) for m in messages]
-    # The provider is away: its breaker holds the account back; the messages wait queued.
+    # The provider is away (its breaker holds the account back once that is sure): the
+    # messages wait queued, with no attempt used.
+    delay = retry_delay(1, base=retry.base_delay, cap=retry.max_delay, jitter=retry.jitter)
     return [Outcome(m, RETRY, error_code="UNAVAILABLE", error_text=response.error,
-                    counts_attempt=False) for m in messages]
+                    retry_in=delay, counts_attempt=False) for m in messages]
 
 
 def accepted_or_rejected(messages: list[Message], response: base.SendResponse) -> list[Outcome]:

@@ -68,11 +68,18 @@ async def settle(runtime: Runtime, item: Unsettled, limiter: trio.CapacityLimite
 
 async def settle_message(runtime: Runtime, account: str, message: Message,
                          deadline: float) -> Outcome:
+    """Look the reference up until the provider tells, or the window closes. Time the provider
+    cannot be reached at all (refused, 502/503/504: an outage) does not use the window up, for
+    as long as an outage may last before its campaigns are paused (`retry.provider_down_pause`)."""
     provider = runtime.providers.get(account)
     result = LookupResult(None, error=f"account {account!r} is not configured here")
+    patience = trio.current_time() + runtime.config.retry.provider_down_pause
     while provider is not None:
         result = await provider.lookup(message.reference)
-        if result.found is not None or trio.current_time() + LOOKUP_RETRY > deadline:
+        now = trio.current_time()
+        if result.found is not None:
+            break
+        if now + LOOKUP_RETRY > deadline and (result.reachable or now > patience):
             break
         await trio.sleep(LOOKUP_RETRY)
     if result.found:

@@ -44,6 +44,7 @@ class LookupResult:
     message_id: str | None = None
     status: str | None = None
     error: str = ""
+    reachable: bool = True  # False: the provider could not be reached (refused, 5xx)
 
 
 class Provider(Protocol):
