@@ -17,6 +17,8 @@ share of the processed requests is answered only after `hang_seconds`. Everythin
 and recorded when the request arrives; `latency_ms`/`jitter_ms` only delay the answer, like a
 provider that accepts first and responds late. Random draws come from `random.Random(seed)`.
 The random error rates apply to send requests only; lookups fail only with `lookup_fail`.
+`message_id_prefix` is put before every messageId the fake gives out (answers and lookups), to
+play a provider whose ids a database cannot store as they are (e.g. `"bad\u0000id-"`).
 
 Run it: `python -m sendd.fakeprovider --port 0 [...]`; it prints `{"port": N}` once listening.
 """
@@ -69,6 +71,7 @@ class FakeSettings:
     hang_rate: float = 0.0
     hang_seconds: float = 30.0
     lookup_fail: bool = False
+    message_id_prefix: str = ""
     api_keys: list[str] = field(default_factory=lambda: ["test-key"])
     seed: int = 0
 
@@ -113,8 +116,8 @@ def _error(status: int, message: str, headers: list | None = None) -> Reply:
     return _json(status, {"error": message}, headers)
 
 
-def _message_id(locator: int) -> str:
-    return f"b-{locator >> _INDEX_BITS}-{locator & _INDEX_MASK}"
+def _message_id(locator: int, prefix: str = "") -> str:
+    return f"{prefix}b-{locator >> _INDEX_BITS}-{locator & _INDEX_MASK}"
 
 
 def _check_entries(entries: Any) -> None:
@@ -262,7 +265,7 @@ class FakeProvider:
         bulk_no = self._next_bulk
         self._next_bulk += 1
         base = bulk_no << _INDEX_BITS
-        id_prefix = f"b-{bulk_no}-"
+        id_prefix = f"{self.settings.message_id_prefix}b-{bulk_no}-"
         records = self.records
         prefix = self.settings.reject_prefix
         refs: list[str | None] = []  # by index: the reference sent now, else None
@@ -295,10 +298,10 @@ class FakeProvider:
         if self.settings.honour_references:
             # A provider that honours references answers with the original id, sends nothing.
             self.counters["deduplicated"] += 1
-            return _accepted(reference, _message_id(self.records[reference])), None
+            return _accepted(reference, self._message_id(self.records[reference])), None
         self.dup_counts[reference] = self.dup_counts.get(reference, 1) + 1
         self.counters["duplicate_sends"] += 1
-        return _accepted(reference, _message_id(locator)), reference
+        return _accepted(reference, self._message_id(locator)), reference
 
     def _count(self, key: str, received: int, by_sender: dict[str, int], now: float) -> None:
         accepted = sum(by_sender.values())
@@ -325,15 +328,18 @@ class FakeProvider:
         locator = self.records.get(reference)
         if locator is None:
             return _error(404, "not found")
-        return _json(200, _lookup_body(_message_id(locator), reference))
+        return _json(200, _lookup_body(self._message_id(locator), reference))
 
     def _lookup_id(self, message_id: str) -> Reply:
         if self.settings.lookup_fail:
             return _error(500, "lookup failed")
-        reference = self._reference_of(message_id)
+        reference = self._reference_of(message_id.removeprefix(self.settings.message_id_prefix))
         if reference is None:
             return _error(404, "not found")
         return _json(200, _lookup_body(message_id, reference))
+
+    def _message_id(self, locator: int) -> str:
+        return _message_id(locator, self.settings.message_id_prefix)
 
     def _reference_of(self, message_id: str) -> str | None:
         prefix, _, rest = message_id.partition("-")

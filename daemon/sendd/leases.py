@@ -76,6 +76,17 @@ ORDER BY id
 """
 
 
+# This instance's marks held for longer than `$2` seconds: counted from the mark, or from its
+# hand-over to settlement (adopted_at: a dead daemon's mark, or one the writer could not close).
+STALE_MARKS = """
+SELECT id, cardinality(message_ids) AS messages,
+       extract(epoch FROM now() - coalesce(adopted_at, created_at))::float8 AS age
+FROM sendd.submission
+WHERE instance_id = $1 AND coalesce(adopted_at, created_at) < now() - make_interval(secs => $2)
+ORDER BY id
+"""
+
+
 @dataclass
 class Adopted:
     """A dead instance whose work was taken over: `released` claims went back to the queue,
@@ -142,6 +153,20 @@ async def adopted_marks(conn: Any, instance_id: str, handed: set[int]) -> list[A
 async def messages_of_mark(conn: Any, message_ids: list[int], instance_id: str) -> list[Any]:
     """The still-unsettled messages of an adopted mark."""
     return await conn.fetch(MESSAGES_OF_MARK, message_ids, instance_id)
+
+
+def stale_after(config: Config) -> float:
+    """Seconds after which an open mark of this daemon is stuck, not slow: longer than a request
+    (an account's timeout), the wait before its references are looked up (as long again), the
+    settlement window and a lease's length for the rest (results waiting for the writer through
+    a database outage, which cannot outlast the lease without the daemon exiting)."""
+    longest = max((account.timeout for account in config.accounts.values()), default=0.0)
+    return 2 * longest + config.pipeline.settle_seconds + config.pipeline.lease_seconds
+
+
+async def stale_marks(conn: Any, instance_id: str, seconds: float) -> list[Any]:
+    """This instance's marks open for more than `seconds` (id, messages, age)."""
+    return await conn.fetch(STALE_MARKS, instance_id, seconds)
 
 
 def check_runnable(config: Config) -> None:

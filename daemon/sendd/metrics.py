@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import trio
-from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -66,6 +66,14 @@ class Metrics:
         self.active_leases = Gauge(
             "sendd_active_leases", "Live sendd.instance leases (refreshed every 5 s)",
             registry=r)
+        self.unstorable = Counter(
+            "sendd_unstorable_outcomes",
+            "Outcomes the database refused as given: stored without their texts (stripped), or "
+            "left to settlement", ["handling"], registry=r)
+        self.stale_marks = Gauge(
+            "sendd_stale_marks",
+            "This daemon's submission marks open far longer than a request and its settlement "
+            "take (messages stuck in 'sending'; checked by the reaper)", registry=r)
         r.register(StateCollector(runtime))
 
     def render(self) -> bytes:
@@ -99,6 +107,12 @@ class StateCollector(Collector):
         yield used
         yield capacity
         yield _breaker_states(rt)
+        unserved = GaugeMetricFamily(
+            "sendd_unserved_messages", "Queued messages whose account no running daemon serves",
+            labels=["account"])
+        for account, waiting in sorted(rt.unserved.accounts.items()):
+            unserved.add_metric([account], waiting)
+        yield unserved
         restarts = CounterMetricFamily("sendd_actor_restarts", "Actor restarts by the supervisor",
                                        labels=["actor"])
         for actor in sorted(set(rt.actors) | set(rt.restarts)):

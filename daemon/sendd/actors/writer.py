@@ -4,13 +4,19 @@ A flush updates every message of the pending results and deletes their submissio
 one statement (one round trip, one transaction); the schema's triggers keep campaign
 counters, completion, credits and the ledger in the same transaction. When the database is
 away the writer keeps its results and retries; meanwhile it stops receiving, so the senders
-and then the poller stop too (the results are bounded by the channel).
+and then the poller stop too (the results are bounded by the channel). When the database
+refuses a flush for what is in it, the writer stores its outcomes apart (see `store_apart`), so
+one bad outcome never holds up the others.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import asyncpg
 import trio
 
 from sendd.backoff import retry_delay
@@ -74,7 +80,12 @@ def outcome_columns(outcomes: list[Outcome]) -> list[list[Any]]:
 async def write_results(conn: Any, instance_id: str, results: list[BatchResult]) -> int:
     """Store every outcome and close the submission marks; returns the rows changed."""
     marks = [r.submission_id for r in results if r.submission_id is not None]
-    outcomes = [o for r in results for o in r.outcomes]
+    return await write_outcomes(conn, instance_id, marks, [o for r in results for o in r.outcomes])
+
+
+async def write_outcomes(conn: Any, instance_id: str, marks: list[int],
+                         outcomes: list[Outcome]) -> int:
+    """Store the outcomes and close `marks`, in one statement; returns the rows changed."""
     status = await conn.execute(WRITE_OUTCOMES, marks, *outcome_columns(outcomes), instance_id)
     return int(status.split()[-1])
 
@@ -118,30 +129,205 @@ async def flush(runtime: Runtime, pending: list[BatchResult]) -> None:
 
 
 async def _write_until_stored(runtime: Runtime, pending: list[BatchResult]) -> None:
-    failures = 0
     flush_started = trio.current_time()  # for sendd_writer_flush_seconds
+    apart = Apart()
+    try:
+        try:
+            written = await _until_committed(
+                runtime, lambda conn: write_results(conn, runtime.instance_id, pending))
+        except DATA_ERRORS as error:
+            written = await store_apart(runtime, pending, error, apart)
+    except Exception:
+        # Neither the database being away (retried) nor the data (stored apart): a bug or a
+        # broken schema. The writer crashes and drops its results, so it first hands their marks
+        # over for settlement, or their messages would stay `sending` until this daemon stops.
+        await _hand_over_unstored(runtime, pending, apart)
+        raise
+    refused = apart.refused_ids()
+    stored = [o for r in pending for o in r.outcomes if o.message.id not in refused]
+    # Metrics (sendd.metrics): flush time and size; outcomes counted once stored, which covers
+    # the senders' and the settler's results alike.
+    runtime.metrics.flush_seconds.observe(trio.current_time() - flush_started)
+    runtime.metrics.flush_size.observe(len(stored))
+    for o in stored:
+        runtime.outcomes_by[o.status, o.message.account, o.message.tenant_id] += 1
+    if written != len(stored):
+        runtime.log.warning("writer_rows_skipped", expected=len(stored), written=written)
+
+
+async def _until_committed(runtime: Runtime, write: Callable[[Any], Awaitable[int]]) -> int:
+    """`write(conn)` on a pooled connection, again and again while the database is away."""
+    failures = 0
     while True:
         written = None
         try:
             async with runtime.pool.acquire() as conn:
-                written = await write_results(conn, runtime.instance_id, pending)
-            break
+                written = await write(conn)
+            return written
+        except DATA_ERRORS:
+            raise  # the same rows fail the same way every time
         except RETRYABLE_ERRORS as error:
             if written is not None:
-                break  # committed; only giving the connection back failed: do not apply twice
+                return written  # committed; only giving the connection back failed
             failures += 1
             delay = retry_delay(min(failures, 6), base=0.2, cap=5.0)
             runtime.report_problem("writer", f"cannot store results: {error}")
             runtime.log.warning("writer_retry", error=str(error) or type(error).__name__,
-                                results=sum(len(r.outcomes) for r in pending), retry_in=delay)
+                                retry_in=delay)
             await trio.sleep(delay)
-    expected = sum(len(r.outcomes) for r in pending)
-    # Metrics (sendd.metrics): flush time and size; outcomes counted once stored, which covers
-    # the senders' and the settler's results alike.
-    runtime.metrics.flush_seconds.observe(trio.current_time() - flush_started)
-    runtime.metrics.flush_size.observe(expected)
-    for result in pending:
-        for o in result.outcomes:
-            runtime.outcomes_by[o.status, o.message.account, o.message.tenant_id] += 1
-    if written != expected:
-        runtime.log.warning("writer_rows_skipped", expected=expected, written=written)
+
+
+# --- a flush the database refuses because of what is in it ----------------------------------
+# Rule: halve the refused outcomes and store each half on its own, down to single outcomes; a
+# single one refused is stored in its safe form (nothing from outside in it, the status kept);
+# one refused even so is left `sending` and its mark handed over for settlement, which looks
+# it up at the provider like a dead daemon's work. So a bad outcome costs a few statements per
+# flush (about 2 log2 N for each), never the other outcomes, and is never retried forever.
+
+# What a flush can get from its rows rather than from the database being away: a string the
+# server refuses (NUL, a character the database's encoding lacks; asyncpg reports a string it
+# cannot even encode the same way), a value out of range, a constraint or a trigger refusing a
+# row. Retrying such a flush as it is would fail the same way for good.
+DATA_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.DataError,  # SQLSTATE class 22
+    asyncpg.exceptions.IntegrityConstraintViolationError,  # class 23
+    asyncpg.exceptions.RaiseError,  # P0001: a trigger's own refusal
+)
+SAFE_RETRY_LIMIT = 86_400.0  # seconds: a safe form's retry time within what PostgreSQL takes
+SAMPLE = 20  # message ids named in a log line
+
+
+@dataclass
+class Apart:
+    """What storing outcomes one part at a time has done so far."""
+
+    written: int = 0
+    stored_ids: set[int] = field(default_factory=set)  # messages whose outcome is stored
+    stripped: list[Outcome] = field(default_factory=list)  # stored in their safe form
+    refused: list[Outcome] = field(default_factory=list)  # not stored at all
+    error: str = ""  # the database's reason, for the log
+
+    def refused_ids(self) -> set[int]:
+        return {o.message.id for o in self.refused}
+
+
+async def store_apart(runtime: Runtime, pending: list[BatchResult], error: BaseException,
+                      apart: Apart) -> int:
+    """Store a flush the database refused (`error`) by the rule above; close the marks whose
+    outcomes are all stored and hand the others over. Returns the rows written."""
+    runtime.log.warning("writer_isolating", error=_reason(error),
+                        results=sum(len(r.outcomes) for r in pending))
+    await _store_halves(runtime, [o for r in pending for o in r.outcomes], error, apart)
+    refused = apart.refused_ids()
+    await _until_committed(
+        runtime, lambda conn: close_marks(conn, runtime.instance_id, pending, refused))
+    _report(runtime, apart)
+    return apart.written
+
+
+async def _store_halves(runtime: Runtime, outcomes: list[Outcome], error: BaseException,
+                        apart: Apart) -> None:
+    """Store `outcomes`, which the database refused together, in halves (the rule above)."""
+    apart.error = apart.error or _reason(error)
+    if len(outcomes) == 1:
+        await _store_safe_form(runtime, outcomes[0], error, apart)
+        return
+    half = len(outcomes) // 2
+    for part in (outcomes[:half], outcomes[half:]):
+        try:
+            await _store(runtime, part, apart)
+        except DATA_ERRORS as part_error:
+            await _store_halves(runtime, part, part_error, apart)
+
+
+async def _store(runtime: Runtime, outcomes: list[Outcome], apart: Apart) -> None:
+    """One part's outcomes in one statement; their marks are closed at the end of the flush
+    (another part of the same batch may still be refused)."""
+    apart.written += await _until_committed(
+        runtime, lambda conn: write_outcomes(conn, runtime.instance_id, [], outcomes))
+    apart.stored_ids.update(o.message.id for o in outcomes)
+
+
+async def _store_safe_form(runtime: Runtime, outcome: Outcome, error: BaseException,
+                           apart: Apart) -> None:
+    try:
+        await _store(runtime, [safe_form(outcome, error)], apart)
+    except DATA_ERRORS:
+        apart.refused.append(outcome)
+    else:
+        apart.stripped.append(outcome)
+
+
+def safe_form(outcome: Outcome, error: BaseException) -> Outcome:
+    """The outcome with nothing from outside in it: no provider ids, its error code only when
+    plain short ASCII, an error text of our own. Its status stays, and with it the billing: an
+    accepted message is sent, whatever its id was."""
+    code = outcome.error_code
+    if code is not None and not (code.isascii() and code.isprintable() and len(code) <= 64):
+        code = None
+    retry_in = outcome.retry_in
+    if not (math.isfinite(retry_in) and 0.0 <= retry_in <= SAFE_RETRY_LIMIT):
+        retry_in = SAFE_RETRY_LIMIT if retry_in > 0 else 0.0
+    text = (f"the outcome's texts could not be stored ({type(error).__name__}); "
+            "stored without them")
+    return replace(outcome, bulk_id=None, provider_message_id=None, error_code=code,
+                   error_text=text, retry_in=retry_in)
+
+
+HAND_OVER = """
+-- The mark keeps only the messages still waiting for an outcome: the others are stored, and
+-- queued ones may be claimed and sent again meanwhile, which a settlement under this mark
+-- could undo. adopted_at set: the reaper hands it to the settler, as it does a dead daemon's.
+UPDATE sendd.submission SET message_ids = $2::bigint[], adopted_at = now()
+WHERE id = $1 AND instance_id = $3
+"""
+CLOSE_MARKS = "DELETE FROM sendd.submission WHERE id = ANY($1::bigint[]) AND instance_id = $2"
+
+
+async def close_marks(conn: Any, instance_id: str, pending: list[BatchResult],
+                      unstored: set[int]) -> int:
+    """Close the flush's marks whose every outcome is stored; hand the others over for
+    settlement with their messages whose outcome is not (`unstored`)."""
+    left: dict[int, list[int]] = {}
+    for r in pending:
+        if r.submission_id is not None:
+            left.setdefault(r.submission_id, []).extend(
+                o.message.id for o in r.outcomes if o.message.id in unstored)
+    async with conn.transaction():
+        await conn.execute(CLOSE_MARKS, [m for m, ids in left.items() if not ids], instance_id)
+        for mark, ids in left.items():
+            if ids:
+                await conn.execute(HAND_OVER, mark, ids, instance_id)
+    return 0
+
+
+async def _hand_over_unstored(runtime: Runtime, pending: list[BatchResult], apart: Apart) -> None:
+    """Best effort, on the way to a crash: what is not stored goes to settlement."""
+    unstored = {o.message.id for r in pending for o in r.outcomes} - apart.stored_ids
+    try:
+        async with runtime.pool.acquire() as conn:
+            await close_marks(conn, runtime.instance_id, pending, unstored)
+    except Exception as error:  # noqa: BLE001 -- the writer's own error is the one to raise
+        runtime.log.error("writer_hand_over_failed", error=_reason(error))
+
+
+def _report(runtime: Runtime, apart: Apart) -> None:
+    """One log line per flush for each kind of trouble (not one per outcome), and metrics."""
+    if apart.stripped:
+        runtime.metrics.unstorable.labels("stripped").inc(len(apart.stripped))
+        runtime.log.warning("outcomes_stored_stripped", count=len(apart.stripped),
+                            messages=[o.message.id for o in apart.stripped[:SAMPLE]],
+                            error=apart.error)
+    if apart.refused:
+        runtime.metrics.unstorable.labels("settlement").inc(len(apart.refused))
+        runtime.report_problem("writer", f"{len(apart.refused)} outcomes could not be stored "
+                               f"({apart.error}); their messages go to settlement")
+        runtime.log.error("outcomes_not_stored", count=len(apart.refused),
+                          messages=[o.message.id for o in apart.refused[:SAMPLE]],
+                          error=apart.error)
+
+
+def _reason(error: BaseException) -> str:
+    """The error in one line (asyncpg's may span several)."""
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

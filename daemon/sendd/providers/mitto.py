@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 from urllib.parse import urlencode
 
@@ -23,12 +24,18 @@ from sendd.providers.base import (
     MessageResult,
     SendResponse,
 )
+from sendd.providers.clean import CODE_LIMIT, provider_id, provider_text
 from sendd.providers.http11 import Client, LocalFailure, NoAnswer, NotSubmitted, Response
 
 BULK_PATH = "/api/v1.1/Messages/sendmessagesbulk"
 SINGLE_PATH = "/api/v1.1/Messages/send"
 LOOKUP_PATH = "/api/v1.1/Messages"
 DEFAULT_SENDER = "sendd"
+ERROR_LIMIT = 200  # characters of a provider's error answer kept in a message's error text
+# A longer Retry-After is read as this: its wait holds the account and the messages' next attempt.
+RETRY_AFTER_LIMIT = 3600.0
+# Answers that come from a gateway in front of a provider that is down, not from the provider.
+UNREACHABLE_STATUSES = frozenset({502, 503, 504})
 
 # One-message requests of a single-message account go out on SINGLE_CONNECTIONS connections, one
 # request per connection at a time: 64 in flight keep ~3,000 requests/s going at 20 ms each.
@@ -58,8 +65,11 @@ class MittoProvider:
         payload = _payload(response)
         if payload is None:
             return _unreadable()
-        results = [_message_result(e) for e in payload.get("messages", [])]
-        return SendResponse(OK, bulk_id=payload.get("bulkId"), results=results)
+        entries = payload.get("messages")
+        # Entries that are not objects say nothing: their messages are left unlisted (unknown).
+        results = ([_message_result(e) for e in entries if type(e) is dict]
+                   if type(entries) is list else [])
+        return SendResponse(OK, bulk_id=provider_id(payload.get("bulkId")), results=results)
 
     async def send_each(self, messages: list[Message]) -> list[SendResponse]:
         """One request per message, concurrently; the answers in the messages' order."""
@@ -101,16 +111,20 @@ class MittoProvider:
         path = f"{LOOKUP_PATH}?{urlencode({'reference': reference})}"
         try:
             response = await self._client.request("GET", path)
-        except (NotSubmitted, NoAnswer) as error:
+        except NotSubmitted as error:
+            return LookupResult(None, error=f"lookup failed: {error}", reachable=False)
+        except NoAnswer as error:
             return LookupResult(None, error=f"lookup failed: {error}")
         if response.status == 404:
             return LookupResult(False)
         if response.status != 200:
-            return LookupResult(None, error=f"lookup failed: HTTP {response.status}")
+            return LookupResult(None, error=f"lookup failed: HTTP {response.status}",
+                                reachable=response.status not in UNREACHABLE_STATUSES)
         payload = _payload(response)
         if payload is None:
             return LookupResult(None, error="lookup failed: unreadable answer")
-        return LookupResult(True, message_id=payload.get("messageId"), status=payload.get("status"))
+        return LookupResult(True, message_id=provider_id(payload.get("messageId")),
+                            status=provider_text(payload.get("status"), CODE_LIMIT))
 
 
 def _payload(response: Response) -> dict[str, Any] | None:
@@ -137,12 +151,16 @@ def _entry(message: Message) -> dict[str, str]:
 
 
 def _message_result(entry: dict[str, Any]) -> MessageResult:
+    """One entry of an answer, its strings made safe to store (sendd.providers.clean). An
+    accepted message whose id is not a sane one is still accepted, without the id: acceptance
+    is what decides billing and resending, and the reference still finds it at the provider."""
     reference = str(entry.get("reference"))
     if entry.get("status") == "accepted":  # the common case, positionally: the hot path
-        return MessageResult(reference, True, entry.get("messageId"))
-    return MessageResult(reference, False, entry.get("messageId"),
-                         error_code=entry.get("errorCode") or "REJECTED",
-                         error_text=entry.get("errorMessage"))
+        return MessageResult(reference, True, provider_id(entry.get("messageId")))
+    return MessageResult(reference, False, provider_id(entry.get("messageId")),
+                         error_code=provider_text(entry.get("errorCode"), CODE_LIMIT)
+                         or "REJECTED",
+                         error_text=provider_text(entry.get("errorMessage")))
 
 
 def classify_status(response: Response) -> SendResponse:
@@ -163,14 +181,18 @@ def classify_status(response: Response) -> SendResponse:
 
 
 def _retry_after(response: Response) -> float | None:
+    """Seconds to wait, within [0, RETRY_AFTER_LIMIT]; None when the header says no number."""
     try:
-        return max(0.0, float(response.headers.get("retry-after", "")))
+        seconds = float(response.headers.get("retry-after", ""))
     except ValueError:
         return None
+    if math.isnan(seconds):
+        return None
+    return min(max(0.0, seconds), RETRY_AFTER_LIMIT)
 
 
 def _provider_error(response: Response) -> str:
-    """The provider's own words, short; never the request (it may carry the key)."""
-    text = response.text.strip().replace("\n", " ")
-    return text[:200] if text else response.reason
+    """The provider's own words, short and storable; never the request (it may carry the key)."""
+    return (provider_text(response.text, ERROR_LIMIT)
+            or provider_text(response.reason, ERROR_LIMIT) or "no reason given")
 
