@@ -93,8 +93,9 @@ def test_a_minute_long_outage_mid_campaign_fails_nothing(tmp_path, database_url)
     try:
         with Daemon(config, tmp_path / "daemon.log").wait_ready() as daemon:
             wait_until(lambda: status_counts(database_url).get("sent", 0) >= 300, 30, "300 sent")
+            first.control(status_override=503)  # accepts nothing more from here on ...
             accepted = accepted_by(first)
-            first.stop()  # the provider goes away: connections are refused
+            first.stop()  # ... and goes away: connections are refused
             down_at = time.monotonic()
             wait_until(lambda: daemon.events("account_unavailable"), 10, "the breaker to open")
             reply = health(http_port(config))

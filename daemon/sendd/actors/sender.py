@@ -66,6 +66,9 @@ LEASE_WAIT = 0.05  # seconds between marks while the lease waits for its renewal
 # How late after its rate grant a request may still leave on that grant: the governor's
 # windows are 50 ms longer than a second (ratelimit.GUARD_WINDOW) to absorb such delays.
 GRANT_SLACK = 0.025
+# A marked batch late for its grant waits at most this long for a new one; longer (a 429's
+# Retry-After came in meanwhile) it goes back to the queue, so that nothing waits marked.
+REGRANT_WAIT = 1.0
 LOCAL_PAUSE = 1.0  # seconds a sender rests after this machine failed to open a connection
 
 
@@ -137,8 +140,13 @@ async def send_batch(runtime: Runtime, batch: Batch) -> list[BatchResult | Unset
             return [*results, released(batch)]  # the writer puts back only what is still ours
     with runtime.working("sender"):
         await wait_for_lease(runtime, account.timeout + LEASE_MARGIN)
-    if trio.current_time() - granted > GRANT_SLACK:
-        waited += await _rate_grant(runtime, batch, single)  # late for its grant: a new one
+    if trio.current_time() - granted > GRANT_SLACK:  # late for its grant: a new one
+        regrant = _rate_reserve(runtime, batch, single) - trio.current_time()
+        if regrant > REGRANT_WAIT:
+            # A 429 came in meanwhile: wait for it unmarked, back in the queue.
+            return [*results, released(batch)]
+        await trio.sleep(regrant)
+        waited += max(0.0, regrant)
     with runtime.working("sender"):
         started = time.time()  # wall clock: logged, so rates can be checked from the log
         request_started = trio.current_time()
@@ -176,6 +184,12 @@ async def _rate_grant(runtime: Runtime, batch: Batch, single: bool) -> float:
     requests = len(batch.messages) if single else 1
     return await runtime.governor.acquire(batch.account, batch.tenant_id, len(batch.messages),
                                           requests=requests)
+
+
+def _rate_reserve(runtime: Runtime, batch: Batch, single: bool) -> float:
+    requests = len(batch.messages) if single else 1
+    return runtime.governor.reserve(batch.account, batch.tenant_id, len(batch.messages),
+                                    requests=requests)
 
 
 async def _local_trouble(runtime: Runtime, error: str) -> None:
