@@ -38,8 +38,8 @@ async def _prepare(url: str, credits: int) -> None:
     try:
         await migrate.migrate(conn)
         await tenants.set_tenant(conn, "shop", credits=credits)
-        campaign = await conn.fetchval("INSERT INTO sendd.campaign (tenant_id, started_at) "
-                                       "VALUES ('shop', now()) RETURNING id")
+        campaign = await conn.fetchval("INSERT INTO sendd.campaign (tenant_id, status, started_at) "
+                                       "VALUES ('shop', 'sending', now()) RETURNING id")
         await conn.execute(
             "INSERT INTO sendd.message (tenant_id, campaign_id, account, recipient, body, segments)"
             " SELECT 'shop', $1, 'main', '+3069' || lpad(i::text, 8, '0'), 'hi', 1 + i % 3"

@@ -126,9 +126,10 @@ def test_tenant_credits_cannot_drop_below_segments_in_flight(config, database_ur
     sendd(config, "tenant", "set", "acme", "--credits", "100")
     # 10 messages of 3 segments each, claimed by a daemon: 30 segments reserved.
     query(database_url,
-          """INSERT INTO sendd.message (tenant_id, account, recipient, body, segments, status)
-             SELECT 'acme', 'main', '+3069' || lpad(i::text, 8, '0'), 'hi', 3, 'sending'
+          """INSERT INTO sendd.message (tenant_id, account, recipient, body, segments)
+             SELECT 'acme', 'main', '+3069' || lpad(i::text, 8, '0'), 'hi', 3
              FROM generate_series(1, 10) i""")
+    query(database_url, "UPDATE sendd.message SET status = 'sending', lease_owner = 'd1'")
     before = snapshot(database_url)
     assert_user_error(run_cli("tenant", "set", "acme", "--credits", "29", config=config), "30")
     assert_user_error(run_cli("tenant", "set", "acme", "--add-credits", "-71", config=config),
@@ -187,11 +188,14 @@ def test_campaign_cancel_cancels_queued_messages(config, tmp_path, database_url)
     ids = [r["id"] for r in query(database_url, "SELECT id FROM sendd.message ORDER BY id")]
     query(database_url, "UPDATE sendd.message SET status = 'sending' WHERE id = ANY($1)", ids[:3])
     query(database_url, "UPDATE sendd.message SET status = 'sent' WHERE id = ANY($1)", ids[:2])
+    # The one still sending is on the wire: its submission mark says so.
+    query(database_url, "INSERT INTO sendd.submission (instance_id, account, message_ids) "
+                        "VALUES ('d1', 'main', $1)", ids[2:3])
     # Now: 2 sent, 1 sending (in flight: left to finish), 7 queued.
 
     result = sendd_json(config, "campaign", "cancel", str(cid))
     assert result["status"] == "cancelled"
-    assert result["cancelled"] == 7
+    assert (result["cancelled"], result["in_flight"]) == (7, 1)
     counts = {r["status"]: r["count"] for r in query(
         database_url, "SELECT status, count(*) FROM sendd.message GROUP BY status")}
     assert counts == {"cancelled": 7, "sent": 2, "sending": 1}

@@ -151,8 +151,8 @@ class Client:
 
     def __init__(self, path: str | Path) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(path))  # blocking: waits while the listen queue is full
         self.sock.settimeout(20)
-        self.sock.connect(str(path))
         self.lines = self.sock.makefile("rb")
 
     def send_raw(self, data: bytes) -> None:
@@ -222,7 +222,8 @@ def test_status_reports_the_running_daemon(tmp_path, database_url, fake_provider
             "claims": 4, "batches": 8, "results": 64, "unsettled": 64, "express": 4}
         assert status["accounts"]["main"] == {
             "msgs_per_s": 500, "reqs_per_s": 20, "configured_msgs_per_s": 500,
-            "configured_reqs_per_s": 20, "max_batch": 1000, "paused": False, "suspended": None}
+            "configured_reqs_per_s": 20, "max_batch": 1000, "paused": False, "suspended": None,
+            "breaker": {"state": "closed"}}
         assert status["suspended"] == {}
         assert status["paused"] == {"all": False, "tenants": [], "accounts": []}
         assert status["outcomes"]["sent"] == 100
@@ -564,3 +565,76 @@ def test_reload_rebuilds_the_pipeline_without_losing_in_flight_work(tmp_path, da
         assert daemon.process.poll() is None
     assert fake_provider.stats()["duplicate_references"] == 0
     assert scalar(database_url, "SELECT count(*) FROM sendd.submission") == 0
+
+
+# --- lockouts and unknown names (issue 13) ----------------------------------------------------
+
+
+def half_line_client(path: Path) -> socket.socket:
+    """A connection that sends the first half of a request and then nothing."""
+    stuck = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stuck.connect(str(path))  # blocking: waits while the listen queue is full
+    stuck.settimeout(15)
+    stuck.sendall(b'{"cmd": "sta')
+    return stuck
+
+
+def replies_until_closed(sock: socket.socket) -> list[dict[str, Any]]:
+    with sock.makefile("rb") as lines:
+        return [json.loads(line) for line in lines]
+
+
+def test_half_lines_cannot_lock_an_operator_out(tmp_path, database_url, fake_provider):
+    """70 connections stuck mid-line (more than the 64 slots): an operator's commands still get
+    through at once, and each stuck connection is closed with an error within seconds."""
+    config, sock = ctl_setup(tmp_path, database_url, fake_provider.url)
+    setup_database(config, {"acme": 10})
+    with Daemon(config, tmp_path / "daemon.log").wait_ready() as daemon:
+        stuck = [half_line_client(sock) for _ in range(70)]
+        began = time.monotonic()
+        assert sendd_json(config, "ctl", "status", "--json")["ok"]
+        assert time.monotonic() - began < 3
+        errors = [reply["error"] for client in stuck for reply in replies_until_closed(client)]
+        assert time.monotonic() - began < 10
+        assert len(errors) == 70, errors  # one error line each, then closed
+        assert all("not finished within 5s" in error or "to make room" in error
+                   for error in errors), errors
+        assert any("not finished within 5s" in error for error in errors)
+        assert sendd_json(config, "ctl", "drain") == {"ok": True, "draining": True,
+                                                       "already_draining": False}
+        assert daemon.wait(30) == 0
+
+
+def test_watchers_cannot_lock_an_operator_out(tmp_path, database_url, fake_provider):
+    config, sock = ctl_setup(tmp_path, database_url, fake_provider.url)
+    setup_database(config, {"acme": 10})
+    with Daemon(config, tmp_path / "daemon.log").wait_ready():
+        watchers = [Client(sock) for _ in range(66)]
+        try:
+            for watcher in watchers:
+                watcher.send_raw(b'{"cmd": "watch"}\n')
+            for watcher in watchers[-60:]:  # all of them were served
+                assert watcher.read()["ok"]
+            with Client(sock) as operator:
+                assert operator.call(cmd="status")["ok"]
+        finally:
+            for watcher in watchers:
+                watcher.close()
+
+
+def test_unknown_names_are_errors(tmp_path, database_url, fake_provider):
+    config, sock = ctl_setup(tmp_path, database_url, fake_provider.url)
+    setup_database(config, {"acme": 10})
+    with Daemon(config, tmp_path / "daemon.log").wait_ready(), Client(sock) as client:
+        for cmd in ("pause", "resume"):
+            reply = client.call(cmd=cmd, scope="tenant", id="nosuch")
+            assert reply == {"ok": False, "error": 'unknown tenant "nosuch"'}
+            reply = client.call(cmd=cmd, scope="account", id="nosuch")
+            assert reply["ok"] is False and 'unknown account "nosuch"' in reply["error"]
+            reply = client.call(cmd=cmd, scope="campaign", id=999)
+            assert reply["ok"] is False and "no campaign with id 999" in reply["error"]
+        assert client.call(cmd="status")["paused"] == {"all": False, "tenants": [],
+                                                       "accounts": []}
+        assert client.call(cmd="pause", scope="tenant", id="acme")["paused"]["tenants"] == [
+            "acme"]
+        assert client.call(cmd="resume", scope="tenant", id="acme")["paused"]["tenants"] == []

@@ -182,9 +182,11 @@ def test_at_in_the_future_schedules_the_campaign(config, tmp_path, database_url)
     assert campaign["started_at"] is None
 
 
-def test_at_in_the_past_sends_now(config, tmp_path, database_url):
-    result = enqueue_json(config, write_recipients(tmp_path / "r.txt", numbers(2)),
-                          "--at", "2020-01-01T00:00:00")
+def test_at_in_the_past_is_refused_and_now_sends_at_once(config, tmp_path, database_url):
+    path = write_recipients(tmp_path / "r.txt", numbers(2))
+    check_refused(config, database_url, path, "--at", "past", "--now",
+                  extra=("--at", "2020-01-01T00:00:00+00:00"))
+    result = enqueue_json(config, path, "--now")
     assert scalar(database_url, "SELECT status FROM sendd.campaign WHERE id = $1",
                   result["campaign_id"]) == "sending"
 
@@ -356,7 +358,8 @@ def test_empty_file(config, tmp_path, database_url):
 @pytest.mark.parametrize("extra, mention", [
     (("--at", "next tuesday"), "--at"),
     (("--account", "nope"), "nope"),
-    (("--transactional", "--at", "2030-01-01T00:00:00"), "--transactional"),
+    (("--transactional", "--at", "2030-01-01T00:00:00+00:00"), "--transactional"),
+    (("--transactional", "--name", ""), "--transactional"),
 ])
 def test_bad_options(config, tmp_path, database_url, extra, mention):
     path = write_recipients(tmp_path / "r.txt", numbers(2))

@@ -84,8 +84,8 @@ async def _express_claim(url: str, timeout: float) -> tuple[list[Any], dict[int,
         await migrate.migrate(conn)
         for tenant in ("shop", "slow"):
             await tenants.set_tenant(conn, tenant, credits=1_000)
-        campaign = await conn.fetchval("INSERT INTO sendd.campaign (tenant_id, started_at) "
-                                       "VALUES ('shop', now()) RETURNING id")
+        campaign = await conn.fetchval("INSERT INTO sendd.campaign (tenant_id, status, started_at) "
+                                       "VALUES ('shop', 'sending', now()) RETURNING id")
         await conn.execute("INSERT INTO sendd.message (tenant_id, campaign_id, account, "
                            "recipient, body) VALUES ('shop', $1, 'main', '+306900000000', 'x')",
                            campaign)

@@ -125,3 +125,65 @@ def _status(url: str, expected: int) -> httpx.Response | None:
     except httpx.TransportError:
         return None
     return response if response.status_code == expected else None
+
+
+# --- slow clients (issue 13) ------------------------------------------------------------------
+
+
+def dribble(port: int, head: bytes, body: bytes, pause: float,
+            give_up: float) -> tuple[bytes, float]:
+    """Send `head`, then `body` a byte every `pause` seconds until the server answers or closes;
+    returns what it answered and how long that took."""
+    began = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head)
+        sock.settimeout(pause)
+        for byte in body:
+            if time.monotonic() - began > give_up:
+                return b"(still open)", time.monotonic() - began
+            try:
+                sock.sendall(bytes([byte]))
+                answer = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:  # reset: closed with our bytes unread
+                return b"", time.monotonic() - began
+            sock.settimeout(5)
+            while chunk := _recv(sock):
+                answer += chunk
+            return answer, time.monotonic() - began
+    return b"(body sent)", time.monotonic() - began
+
+
+def _recv(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(65536)
+    except OSError:
+        return b""
+
+
+def test_a_slow_body_is_cut_off_with_408(tmp_path: Path, database_url: str,
+                                        fake_provider: FakeProvider) -> None:
+    port = free_port()
+    config = http_config(tmp_path, database_url, fake_provider.url, port)
+    setup_database(config, {"acme": 10})
+    with Daemon(config, tmp_path / "daemon.log").wait_ready() as daemon:
+        head = b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
+        answer, took = dribble(port, head, b"x" * 1000, pause=0.5, give_up=20)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert b"request body not received within 5s" in answer
+        assert took < 9, took
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+        assert daemon.process.poll() is None
+
+
+def test_slow_headers_are_cut_off(tmp_path: Path, database_url: str,
+                                  fake_provider: FakeProvider) -> None:
+    port = free_port()
+    config = http_config(tmp_path, database_url, fake_provider.url, port)
+    setup_database(config, {"acme": 10})
+    with Daemon(config, tmp_path / "daemon.log").wait_ready():
+        head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 1000
+        answer, took = dribble(port, b"", head, pause=0.3, give_up=20)
+        assert answer in (b"", b"(still open)") or not answer.startswith(b"HTTP/1.1 200"), answer
+        assert answer != b"(still open)" and took < 9, (answer, took)

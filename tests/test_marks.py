@@ -56,8 +56,8 @@ def _runtime(pool: Any) -> Runtime:
 async def _claim_ten(conn: Any, runtime: Runtime) -> list[Any]:
     await migrate.migrate(conn)
     await tenants.set_tenant(conn, "shop", credits=1_000)
-    campaign = await conn.fetchval("INSERT INTO sendd.campaign (tenant_id, started_at) "
-                                   "VALUES ('shop', now()) RETURNING id")
+    campaign = await conn.fetchval("INSERT INTO sendd.campaign (tenant_id, status, started_at) "
+                                   "VALUES ('shop', 'sending', now()) RETURNING id")
     await conn.execute(
         "INSERT INTO sendd.message (tenant_id, campaign_id, account, recipient, body)"
         " SELECT 'shop', $1, 'main', '+3069' || lpad(i::text, 8, '0'), 'hi'"

@@ -219,8 +219,8 @@ async def in_flight_rows(conn) -> int:
 
 
 def test_in_flight_segments_follow_every_write_path(database_url):
-    """Claims, outcomes, unknowns, releases, in-flight inserts, deletes and truncation all keep
-    the per-tenant in-flight counter equal to the in-flight rows."""
+    """Claims, outcomes, unknowns, releases, deletes and truncation all keep the per-tenant
+    in-flight counter equal to the in-flight rows. (A message cannot be inserted in flight.)"""
     async def work(conn):
         await add_tenant(conn, "acme", 1000)
         await add_tenant(conn, "beta", 1000)
@@ -241,10 +241,8 @@ def test_in_flight_segments_follow_every_write_path(database_url):
         await set_status(conn, ids[2:3], "queued")  # a release: -3
         await note()
         await set_status(conn, ids[1:2], "sent")  # settled: -2
-        await conn.execute(
-            """INSERT INTO sendd.message (tenant_id, account, recipient, body, segments, status,
-                                          lease_owner)
-               VALUES ('acme', 'main', '+306900000999', 'hi', 7, 'sending', 'x')""")  # +7
+        late = await add_messages(conn, "acme", None, [7])
+        await set_status(conn, late, "sending")  # +7
         await note()
         await conn.execute("DELETE FROM sendd.message WHERE id = ANY($1::bigint[])", other)
         await note()

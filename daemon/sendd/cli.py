@@ -7,13 +7,14 @@ import argparse
 import json
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import asyncpg
 
 from sendd import campaigns, db, migrate, tenants
 from sendd.config import Config, ConfigError, load_config, masked
 from sendd.errors import UserError
+from sendd.options import BIGINT_MAX, MAX_RATE, integer_between, short_name, text
 
 EXIT_USER_ERROR = 2
 
@@ -25,23 +26,39 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     try:
+        if getattr(args, "control", False):  # sendd ctl: needs the socket, not the config
+            from sendd import ctl
+
+            return args.handler(args, ctl.find_daemon(args)) or 0
         config = load_config(args.config, database_url=args.database_url)
         return args.handler(args, config) or 0
     except (UserError, ConfigError) as error:
-        print(f"sendd: {error}", file=sys.stderr)
+        _print_error(str(error))
         return EXIT_USER_ERROR
     except asyncpg.PostgresError as error:
-        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"sendd: database error: {first_line}", file=sys.stderr)
+        _print_error(f"database error: {str(error) or type(error).__name__}")
         return 1
     except KeyboardInterrupt:
         print("sendd: interrupted", file=sys.stderr)
         return 130
 
 
+def _print_error(message: str) -> None:
+    # One line, whatever the text holds: a daemon's reply or a driver's message may not be.
+    print(f"sendd: {' '.join(message.split())}", file=sys.stderr)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line too (the usage is one --help away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR,
+                  f"{self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def _common_options(default: Any) -> argparse.ArgumentParser:
     """--config and --database-url, accepted before or after the command."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = OneLineParser(add_help=False)
     common.add_argument("--config", metavar="PATH", default=default,
                         help="configuration file (default: $SENDD_CONFIG, else "
                              "/etc/sendd/sendd.toml, else built-in defaults)")
@@ -54,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     # In subcommands the options default to "absent", so they never undo a value given
     # before the command.
     common = _common_options(argparse.SUPPRESS)
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="sendd", parents=[_common_options(None)],
         description="Bulk message send daemon: queued messages in PostgreSQL, sent to providers "
                     "as fast as they allow, every outcome written back.",
@@ -115,9 +132,11 @@ def _add_tenant(commands: Any, common: argparse.ArgumentParser) -> None:
     actions = tenant.add_subparsers(title="actions", metavar="ACTION", required=True)
     sub = _command(actions, common, "set", "create or change a tenant", _tenant_set)
     sub.add_argument("tenant", metavar="TENANT")
-    sub.add_argument("--credits", type=int, help="set the credit balance (SMS segments)")
-    sub.add_argument("--add-credits", type=int, help="add to (or, negative, take from) credits")
-    sub.add_argument("--rate", type=int, metavar="MSGS_PER_S",
+    sub.add_argument("--credits", type=integer_between(0, BIGINT_MAX),
+                     help="set the credit balance (SMS segments)")
+    sub.add_argument("--add-credits", type=integer_between(-BIGINT_MAX, BIGINT_MAX),
+                     help="add to (or, negative, take from) credits")
+    sub.add_argument("--rate", type=integer_between(0, MAX_RATE), metavar="MSGS_PER_S",
                      help="the tenant's message rate limit (0 = unlimited)")
     sub.add_argument("--active", dest="active", action="store_true", default=None,
                      help="let the tenant's messages be sent")
@@ -138,13 +157,20 @@ def _add_enqueue(commands: Any, common: argparse.ArgumentParser) -> None:
     sub = _command(commands, common, "enqueue",
                    "queue a campaign (or transactional messages) from a recipients file",
                    _enqueue)
-    sub.add_argument("--tenant", required=True)
-    sub.add_argument("--text", required=True,
+    sub.add_argument("--tenant", required=True, type=short_name())
+    sub.add_argument("--text", required=True, type=text(),
                      help="message text; {column} placeholders are filled from a CSV file")
-    sub.add_argument("--sender", default="sendd", help="sender id shown to recipients")
-    sub.add_argument("--account", help="traffic account (default: the only configured one)")
-    sub.add_argument("--name", help="campaign name")
-    sub.add_argument("--at", metavar="ISO8601", help="schedule the campaign for this time")
+    sub.add_argument("--sender", default="sendd", type=text(printable=True),
+                     help="sender id shown to recipients")
+    sub.add_argument("--account", type=short_name(),
+                     help="traffic account (default: the only configured one)")
+    sub.add_argument("--name", type=text(empty=True), help="campaign name")
+    when = sub.add_mutually_exclusive_group()
+    when.add_argument("--at", metavar="ISO8601",
+                      help="schedule the campaign for this time, with its UTC offset "
+                           "(e.g. 2026-12-01T09:00:00+02:00); a time in the past is refused")
+    when.add_argument("--now", action="store_true",
+                      help="send at once (the default when --at is not given)")
     sub.add_argument("--transactional", action="store_true",
                      help="standalone high-priority messages instead of a campaign")
     sub.add_argument("--recipients", required=True, metavar="FILE|-",
@@ -152,13 +178,13 @@ def _add_enqueue(commands: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _enqueue(args: argparse.Namespace, config: Config) -> None:
-    from sendd.enqueue import EnqueueRequest, enqueue, parse_at, progress_stream
+    from sendd.enqueue import EnqueueRequest, enqueue, open_recipients, parse_at, progress_stream
 
     account = _pick_account(config, args.account)
-    at = parse_at(args.at) if args.at else None
-    if args.transactional and (at or args.name):
+    at = None if args.at is None else parse_at(args.at)  # --at "" is an error, not "now"
+    if args.transactional and (at or args.name is not None):
         raise UserError("--transactional messages have no campaign: drop --at and --name")
-    with _open_recipients(args.recipients) as stream:
+    with open_recipients(args.recipients) as stream:
         request = EnqueueRequest(
             tenant=args.tenant, text=args.text, account=account, sender=args.sender,
             recipients=stream, source_name=args.recipients, name=args.name, at=at,
@@ -185,32 +211,21 @@ def _pick_account(config: Config, requested: str | None) -> str:
                     "; choose one")
 
 
-def _open_recipients(path: str) -> Any:
-    if path == "-":
-        import contextlib
-        import io
-
-        return contextlib.nullcontext(io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig"))
-    try:
-        # utf-8-sig: a CSV saved by a spreadsheet starts with a byte order mark before "phone".
-        return open(path, encoding="utf-8-sig", newline="")  # noqa: SIM115 -- a context manager
-    except OSError as error:
-        raise UserError(f"--recipients: cannot read {path}: {error.strerror}") from None
-
-
 # --- campaign -----------------------------------------------------------------------------
 
 def _add_campaign(commands: Any, common: argparse.ArgumentParser) -> None:
-    campaign = commands.add_parser("campaign", help="show, pause, resume or cancel a campaign")
+    campaign = commands.add_parser("campaign",
+                                   help="show, start, pause, resume or cancel a campaign")
     actions = campaign.add_subparsers(title="actions", metavar="ACTION", required=True)
     for name, help_text in (
         ("show", "print the campaign's status and counters"),
+        ("start", "send a loaded (draft) campaign: now, or at its scheduled time"),
         ("pause", "stop sending the campaign (in-flight messages finish)"),
         ("resume", "resume a paused campaign"),
         ("cancel", "cancel the campaign and every message not yet sent"),
     ):
         sub = _command(actions, common, name, help_text, _campaign)
-        sub.add_argument("campaign_id", metavar="ID", type=int)
+        sub.add_argument("campaign_id", metavar="ID", type=integer_between(1, BIGINT_MAX))
         sub.set_defaults(action=getattr(campaigns, name))
 
 
@@ -252,12 +267,11 @@ def _add_demo(commands: Any, common: argparse.ArgumentParser) -> None:
     sub = _command(commands, common, "demo",
                    "send a campaign through a private PostgreSQL and the built-in fake "
                    "provider, then stop everything", _demo)
-    sub.add_argument("--messages", type=int, default=100_000, help="campaign size")
+    sub.add_argument("--messages", type=integer_between(1, 100_000_000), default=100_000,
+                     help="campaign size")
 
 
 def _demo(args: argparse.Namespace, config: Config) -> int:
     from sendd.demo import run_demo
 
-    if args.messages < 1:
-        raise UserError("--messages: must be at least 1")
     return run_demo(args.messages)

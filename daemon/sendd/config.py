@@ -11,18 +11,22 @@ import json
 import math
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 DEFAULT_PATH = "/etc/sendd/sendd.toml"
 DEFAULT_DATABASE_URL = "postgresql:///sendd"
+DEFAULT_CONTROL_SOCKET = "/run/sendd/control.sock"
 ENV_PREFIX = "SENDD_"
 ENV_CONFIG = "SENDD_CONFIG"
 MASK = "***"
 DEFAULTS_SOURCE = "built-in defaults"
+SECRET_FILE_MAX = 64 * 1024
+CONFIG_FILE_MAX = 1024 * 1024
 _NEWLINE = b"\n"
 
 
@@ -92,8 +96,36 @@ def _is_listen(value: str) -> bool:
 
 
 def _is_http_url(value: str) -> bool:
-    parts = urlsplit(value)
-    return parts.scheme in ("http", "https") and bool(parts.netloc)
+    try:
+        parts = urlsplit(value)
+        port_ok = parts.port != 0  # .port raises on a port that is not 1 to 65535
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and port_ok \
+        and value.isprintable() and " " not in value
+
+
+# One host of a postgresql:// URL (there may be several, comma-separated): a name or [IPv6],
+# then an optional port. asyncpg raises a bare ValueError, not a connection error, on others.
+_PG_HOST = re.compile(r"(\[[^\[\]]*\]|[^\[\]:]*)(?::([0-9]{1,5}))?")
+
+
+def _is_pg_url(value: str) -> bool:
+    if not value.startswith(("postgresql://", "postgres://")) or not value.isprintable():
+        return False
+    if "\x00" in unquote(value):  # a %00 reaches the resolver as a NUL
+        return False
+    try:
+        netloc = urlsplit(value).netloc
+    except ValueError:  # e.g. an unclosed [IPv6 bracket
+        return False
+    hosts = netloc.rpartition("@")[2].split(",")
+    return all(_is_pg_host(host) for host in hosts)
+
+
+def _is_pg_host(host: str) -> bool:
+    match = _PG_HOST.fullmatch(host)
+    return match is not None and (match[2] is None or 1 <= int(match[2]) <= 65535)
 
 
 _SECRET_TEXT = _Rule("a single line of printable text", str.isprintable)
@@ -101,18 +133,23 @@ _LISTEN = _Rule('"host:port" (e.g. "127.0.0.1:9464")', _is_listen)
 _SOCKET = _Rule(  # AF_UNIX paths are limited to 108 bytes including the NUL
     "a socket path of 1 to 107 bytes", lambda v: 0 < len(v.encode()) <= 107
 )
-_PG_URL = _Rule("a postgresql:// URL", lambda v: v.startswith(("postgresql://", "postgres://")))
+_PG_URL = _Rule("a postgresql:// URL whose ports are 1 to 65535, like "
+                "postgresql://sendd@localhost:5432/sendd", _is_pg_url)
 _REDIS_URL = _Rule(
     "empty or a redis://, rediss:// or unix:// URL",
     lambda v: v == "" or v.startswith(("redis://", "rediss://", "unix://")),
 )
 # Trailing slashes are dropped so adapters can always append "/api/...".
-_BASE_URL = _Rule("an http:// or https:// URL", _is_http_url, lambda v: v.rstrip("/"))
+_BASE_URL = _Rule("an http:// or https:// URL with a host (and a port of 1 to 65535)",
+                  _is_http_url, lambda v: v.rstrip("/"))
 
 
-def _key(default: Any = MISSING, rule: _Rule | None = None, *, secret: str = "") -> Any:
-    """A config field; secret is "value" (hide all) or "url" (hide the password part)."""
-    return field(default=default, repr=not secret, metadata={"rule": rule, "secret": secret})
+def _key(default: Any = MISSING, rule: _Rule | None = None, *, secret: str = "",
+         url: bool = False) -> Any:
+    """A config field; secret is "value" (hide all) or "url" (a secret URL: may come from a
+    <key>_file, its password hidden). A url is shown with its userinfo hidden, secret or not."""
+    return field(default=default, repr=not secret,
+                 metadata={"rule": rule, "secret": secret, "url": url or secret == "url"})
 
 
 # --- the configuration -----------------------------------------------------------------------
@@ -130,7 +167,7 @@ class DaemonConfig:
     instance_id: str = _key(  # empty: derived at start from hostname + pid
         "", _pattern(r"[A-Za-z0-9_.:@-]{0,64}", "up to 64 of the characters A-Z a-z 0-9 _.:@-")
     )
-    control_socket: str = _key("/run/sendd/control.sock", _SOCKET)
+    control_socket: str = _key(DEFAULT_CONTROL_SOCKET, _SOCKET)
     http_listen: str = _key("127.0.0.1:9464", _LISTEN)
     stop_timeout: float = _key(30.0, _positive(3600))
     stall_seconds: float = _key(60.0, _positive(3600))  # an actor busy this long is wedged
@@ -174,7 +211,7 @@ class RedisConfig:
 class AccountConfig:
     name: str
     kind: str = _key(rule=_choice("mitto", "whatsapp"))
-    base_url: str = _key(rule=_BASE_URL)
+    base_url: str = _key(rule=_BASE_URL, url=True)
     api_key: str = _key("", _SECRET_TEXT, secret="value")  # mitto
     token: str = _key("", _SECRET_TEXT, secret="value")  # whatsapp
     phone_number_id: str = _key("", _pattern(r"[A-Za-z0-9_-]*", "letters, digits, _ or -"))
@@ -245,6 +282,22 @@ def load_config(
     return _build_config(tree, source)
 
 
+def control_socket_of(path: str | None, env: Mapping[str, str] | None = None) -> str:
+    """daemon.control_socket, read when the configuration as a whole cannot be: `sendd ctl`
+    must reach a running daemon even while the file on disk is broken. The same order as
+    load_config: the environment, then the file (if it is TOML at all), then the default."""
+    env = os.environ if env is None else env
+    if env.get("SENDD_DAEMON__CONTROL_SOCKET"):
+        return env["SENDD_DAEMON__CONTROL_SOCKET"]
+    try:
+        path, origin = _resolve_path(path, env)
+        daemon = _read_toml(path, origin).get("daemon") if path else None
+    except ConfigError:
+        daemon = None
+    value = daemon.get("control_socket") if isinstance(daemon, dict) else None
+    return value if isinstance(value, str) and value else DEFAULT_CONTROL_SOCKET
+
+
 def _resolve_path(path: str | None, env: Mapping[str, str]) -> tuple[str | None, str]:
     if path is not None:
         return path, ""
@@ -257,11 +310,14 @@ def _resolve_path(path: str | None, env: Mapping[str, str]) -> tuple[str | None,
 def _read_toml(path: str, origin: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read(CONFIG_FILE_MAX + 1)  # bounded: --config /dev/zero must end
     except FileNotFoundError:
         raise ConfigError(f'config file "{path}"{origin} does not exist') from None
     except OSError as e:
         raise ConfigError(f'cannot read config file "{path}"{origin}: {_why(e)}') from None
+    if len(data) > CONFIG_FILE_MAX:
+        raise ConfigError(f'config file "{path}"{origin} is larger than '
+                          f"{CONFIG_FILE_MAX // 1024 // 1024} MiB")
     try:
         return tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
@@ -454,16 +510,32 @@ def _label(key: str, value: Any) -> str:
 def _read_secret(label: str, path: Any) -> str:
     if not isinstance(path, str) or not path:
         raise ConfigError(f"{label}: must be a file path")
+    data = _read_regular_file(label, path)
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read().strip()
-    except OSError as e:
-        raise ConfigError(f'{label}: cannot read "{path}": {_why(e)}') from None
+        text = data.decode("utf-8").strip()
     except UnicodeDecodeError:  # its message quotes bytes of the secret
         raise ConfigError(f'{label}: "{path}" is not UTF-8 text') from None
     if not text:
         raise ConfigError(f'{label}: "{path}" is empty')
     return text
+
+
+def _read_regular_file(label: str, path: str) -> bytes:
+    """A secret file's bytes. Only a regular file of at most SECRET_FILE_MAX bytes: a FIFO
+    would hang every command and /dev/zero would never end."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (regular files ignore it).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ConfigError(f'{label}: "{path}" is not a regular file')
+            data = f.read(SECRET_FILE_MAX + 1)
+    except OSError as e:
+        raise ConfigError(f'{label}: cannot read "{path}": {_why(e)}') from None
+    if len(data) > SECRET_FILE_MAX:
+        raise ConfigError(f'{label}: "{path}" is larger than {SECRET_FILE_MAX // 1024} KiB; '
+                          "a secret file holds only the secret")
+    return data
 
 
 def _coerce(f: dataclasses.Field, label: str, value: Any) -> Any:
@@ -475,8 +547,14 @@ def _coerce(f: dataclasses.Field, label: str, value: Any) -> Any:
         ok = False
     if ok:
         return parsed
-    shown = "" if f.metadata.get("secret") else f", got {_show(value)}"
+    shown = "" if f.metadata.get("secret") else f", got {_show(_masked_value(f, value))}"
     raise ConfigError(f"{label}: must be {rule.expect}{shown}")
+
+
+def _masked_value(f: dataclasses.Field, value: Any) -> Any:
+    if f.metadata.get("url") and isinstance(value, str):
+        return mask_url(str(value))
+    return value
 
 
 def _parse(value: Any, typ: type) -> Any:
@@ -553,24 +631,28 @@ def _masked_section(section: Any) -> dict[str, Any]:
     out = {}
     for f in fields(section):
         value = getattr(section, f.name)
-        secret = f.metadata.get("secret")
-        if secret == "url":
+        if f.metadata.get("url"):
             value = mask_url(value)
-        elif secret and value:  # an empty secret says "not set" and reveals nothing
+        elif f.metadata.get("secret") and value:  # an empty secret says "not set", no more
             value = MASK
         out[f.name] = value
     return out
 
 
 def mask_url(url: str) -> str:
-    """The URL with its password (userinfo or ?password=) replaced by ***; for logs too."""
+    """The URL with its password (userinfo or ?password=) replaced by ***; for logs too. The
+    userinfo of an http(s) URL is hidden whole: a lone name there is usually a token."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         return MASK if url else url  # not a URL we understand: hide all of it
     head, q, query = rest.partition("?")
+    if "@" in query and "@" not in head:  # perhaps a password with a "?" in it: hide it too
+        head, q, query = rest, "", ""
     # The last @ before the query ends the userinfo, so an unescaped @ in a password stays hidden.
     userinfo, at, hostpath = head.rpartition("@")
     if at and ":" in userinfo:
         head = f"{userinfo.partition(':')[0]}:{MASK}@{hostpath}"
-    query = re.sub(r"(^|&)((?:ssl)?password=)[^&#]*", rf"\1\2{MASK}", query, flags=re.I)
-    return f"{scheme}://{head}{q}{query}"
+    elif at and scheme.lower() in ("http", "https"):
+        head = f"{MASK}@{hostpath}"
+    shown = f"{scheme}://{head}{q}{query}"
+    return re.sub(r"([?&](?:ssl)?password=)[^&#]*", rf"\1{MASK}", shown, flags=re.I)

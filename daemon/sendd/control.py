@@ -8,10 +8,15 @@ the commands (what a request does to the running daemon), and the server (a Unix
 credentials checked, one task per connection). No client can slow the pipeline down: there are
 at most MAX_CONNECTIONS of them, `status` reads memory only, and the commands that need the
 database (campaign pause/resume, tenant rates, `watch`) share a limiter of DB_CONCURRENCY.
+
+No client can lock an operator out either: a request line must be finished within LINE_TIMEOUT
+of its first byte, and when every slot is taken a newcomer is let in by closing the connection
+idle the longest (waiting for a request, stuck mid-line, or watching).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -20,7 +25,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,14 +36,18 @@ from sendd import campaigns, leases
 from sendd.config import DEFAULTS_SOURCE, AccountConfig, Config, ConfigError, load_config
 from sendd.db import CONNECTION_ERRORS
 from sendd.errors import UserError
+from sendd.listeners import connection_limit, serve_bounded
 from sendd.runtime import Runtime
 
 MAX_LINE = 64 * 1024  # bytes in one request line, newline excluded
 MAX_CONNECTIONS = 64
+FD_SHARE = 1 / 8  # of the process's descriptor limit, at most, for control connections
+LISTEN_BACKLOG = 128  # connections the kernel queues while every slot is busy
 SOCKET_MODE = 0o660
 IDLE_TIMEOUT = 600.0  # a connection that sends nothing for this long is closed
+LINE_TIMEOUT = 5.0  # once a request line has begun, the rest must arrive within this time
 SEND_TIMEOUT = 10.0  # a client that does not read its replies for this long is dropped
-LINGER = 1.0  # after refusing an oversized line: how long to swallow what the client still sends
+LINGER = 1.0  # after a last error reply: how long to swallow what the client still sends
 DB_TIMEOUT = 10.0
 DB_CONCURRENCY = 2  # pool connections the control socket may hold at once
 WATCH_INTERVAL = 1.0
@@ -298,6 +307,7 @@ async def pause(runtime: Runtime, db: trio.CapacityLimiter, args: dict[str, Any]
     if scope == "all":
         runtime.paused_all = True
     elif scope == "tenant":
+        await _check_tenant(runtime, db, ident)
         runtime.paused_tenants.add(ident)
     else:
         _account(runtime, ident)
@@ -316,6 +326,7 @@ async def resume(runtime: Runtime, db: trio.CapacityLimiter,
     elif scope == "all":
         runtime.paused_all = False
     elif scope == "tenant":
+        await _check_tenant(runtime, db, ident)
         runtime.paused_tenants.discard(ident)
     else:
         _account(runtime, ident)
@@ -327,6 +338,16 @@ async def resume(runtime: Runtime, db: trio.CapacityLimiter,
     if scope != "campaign":
         reply |= {"scope": scope, "id": ident, "paused": _paused(runtime)}
     return reply
+
+
+TENANT_EXISTS = "SELECT EXISTS (SELECT 1 FROM sendd.tenant WHERE id = $1)"
+
+
+async def _check_tenant(runtime: Runtime, db: trio.CapacityLimiter, tenant: str) -> None:
+    """A pause of a tenant that does not exist would silently hold nothing back."""
+    found = await _on_database(runtime, db, lambda conn: conn.fetchval(TENANT_EXISTS, tenant))
+    if not found:
+        raise UserError(f"unknown tenant {_show(tenant)}")
 
 
 SET_TENANT_RATE = """
@@ -438,8 +459,10 @@ async def answer(runtime: Runtime, db: trio.CapacityLimiter, request: Request) -
         return error_reply(f"database error: {_first_line(error)}")
 
 
-async def watch(runtime: Runtime, db: trio.CapacityLimiter, stream: trio.SocketStream) -> None:
-    """A progress line every WATCH_INTERVAL until the client hangs up (a send then fails)."""
+async def watch(runtime: Runtime, db: trio.CapacityLimiter, stream: trio.SocketStream,
+                connection: Connection) -> None:
+    """A progress line every WATCH_INTERVAL until the client hangs up (a send then fails) or
+    the connection is evicted to make room for a new one."""
     previous: dict[int, int] = {}
     sampled = trio.current_time()
     next_line = sampled
@@ -460,7 +483,10 @@ async def watch(runtime: Runtime, db: trio.CapacityLimiter, stream: trio.SocketS
                      "outcomes": dict(runtime.outcomes)}
         await send_reply(stream, reply)
         next_line += WATCH_INTERVAL
-        await trio.sleep_until(next_line)
+        with connection.interruptible():
+            await trio.sleep_until(next_line)
+        if connection.evicted:
+            return
 
 
 def _first_line(error: BaseException) -> str:
@@ -475,17 +501,35 @@ class LineTooLong(Exception):
     pass
 
 
-class LineReader:
-    """Newline-terminated lines from a stream, none longer than `limit` bytes."""
+class LineTimeout(Exception):
+    """A request line began but did not end within the line timeout."""
 
-    def __init__(self, stream: trio.abc.ReceiveStream, limit: int = MAX_LINE) -> None:
+
+class LineReader:
+    """Newline-terminated lines from a stream, none longer than `limit` bytes.
+
+    Waiting for a line to begin takes up to `idle_timeout`; once its first byte has arrived,
+    the rest must come within `line_timeout`, so a client that sends half a line cannot hold
+    its connection for the idle timeout.
+    """
+
+    def __init__(self, stream: trio.abc.ReceiveStream, limit: int = MAX_LINE,
+                 idle_timeout: float = IDLE_TIMEOUT, line_timeout: float = LINE_TIMEOUT) -> None:
         self._stream = stream
         self._limit = limit
+        self._idle_timeout = idle_timeout
+        self._line_timeout = line_timeout
         self._buffer = bytearray()
         self._searched = 0  # the buffer up to here holds no newline
 
     async def next_line(self) -> bytes | None:
-        """The next line without its newline; None at the end of the stream."""
+        """The next line without its newline; None at the end of the stream or when no line
+        began within the idle timeout. Raises LineTimeout or LineTooLong."""
+        now = trio.current_time()
+        idle_until = now + self._idle_timeout
+        # Bytes already buffered came with the previous line: the time that line took to
+        # serve does not count against this one, so it begins now.
+        began = now if self._buffer else None
         while True:
             end = self._buffer.find(b"\n", self._searched)
             if end >= 0:
@@ -498,11 +542,17 @@ class LineReader:
             self._searched = len(self._buffer)
             if len(self._buffer) > self._limit:
                 raise LineTooLong
-            data = await self._stream.receive_some(RECEIVE_SIZE)
-            if not data:  # the end; a last line without its newline still counts
-                line, self._buffer = bytes(self._buffer), bytearray()
-                return line or None
-            self._buffer += data
+            with trio.move_on_at(idle_until if began is None else began + self._line_timeout):
+                data = await self._stream.receive_some(RECEIVE_SIZE)
+                if not data:  # the end; a last line without its newline still counts
+                    line, self._buffer = bytes(self._buffer), bytearray()
+                    return line or None
+                began = trio.current_time() if began is None else began
+                self._buffer += data
+                continue
+            if began is not None:
+                raise LineTimeout
+            return None
 
 
 async def send_reply(stream: trio.abc.SendStream, reply: dict[str, Any]) -> None:
@@ -520,17 +570,56 @@ def peer_uid(sock: Any) -> int | None:
     return uid
 
 
+class Connection:
+    """One client's connection as the server sees it: busy serving a request, or idle
+    (waiting for a request line, stuck mid-line, or watching) since some time. An idle one can
+    be evicted: the wait it is in ends, and it closes."""
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.since = trio.current_time()
+        self.evicted = False
+        self._wait: trio.CancelScope | None = None
+
+    def idle(self) -> None:
+        self.busy, self.since = False, trio.current_time()
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A wait that an eviction ends early (quietly: check `evicted` after it)."""
+        with trio.CancelScope() as scope:
+            self._wait = scope
+            if self.evicted:
+                scope.cancel()
+            try:
+                yield
+            finally:
+                self._wait = None
+
+    def evict(self) -> None:
+        self.evicted = True
+        if self._wait is not None:
+            self._wait.cancel()
+
+
 class ControlServer:
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, limit: int = MAX_CONNECTIONS) -> None:
         self.runtime = runtime
+        self.limit = limit
         self.db = trio.CapacityLimiter(DB_CONCURRENCY)
         self.allowed_uids = {0, os.getuid()}
-        self.connections = 0
+        self.connections: set[Connection] = set()
         self._status_cache: tuple[float, dict[str, Any]] = (float("-inf"), {})
+
+    def make_room(self) -> None:
+        """Every slot is taken and a newcomer waits: evict the connection idle the longest.
+        Busy ones finish their request first (the listener waits for a slot)."""
+        idle = [c for c in self.connections if not c.busy and not c.evicted]
+        if idle:
+            min(idle, key=lambda c: c.since).evict()
 
     async def handle(self, stream: trio.SocketStream) -> None:
         """One connection; whatever goes wrong in it ends only this connection."""
-        self.connections += 1
         try:
             async with stream:
                 await self._converse(stream)
@@ -539,8 +628,6 @@ class ControlServer:
         except Exception as error:  # noqa: BLE001 -- a connection's error boundary
             self.runtime.log.error("control_connection_failed", error=repr(error),
                                    exc_info=error)
-        finally:
-            self.connections -= 1
 
     async def _converse(self, stream: trio.SocketStream) -> None:
         uid = peer_uid(stream.socket)
@@ -551,31 +638,50 @@ class ControlServer:
                 f"(only root and uid {os.getuid()}, which sendd runs as)"))
             await _linger(stream)
             return
-        if self.connections > MAX_CONNECTIONS:
-            await send_reply(stream, error_reply(
-                f"too many control connections (at most {MAX_CONNECTIONS}); try again later"))
-            await _linger(stream)
-            return
+        connection = Connection()
+        self.connections.add(connection)
+        try:
+            await self._serve_lines(stream, connection, uid)
+        finally:
+            self.connections.discard(connection)
+
+    async def _serve_lines(self, stream: trio.SocketStream, connection: Connection,
+                           uid: int) -> None:
         lines = LineReader(stream)
         next_request = trio.current_time()
         while True:
-            # Paced per connection, so many eager clients cannot crowd out the pipeline.
-            await trio.sleep_until(next_request)
-            next_request = trio.current_time() + REQUEST_INTERVAL
-            try:
-                line = await _read_line(lines)
-            except LineTooLong:
+            connection.idle()
+            line, problem = None, None
+            with connection.interruptible():
+                # Paced per connection, so many eager clients cannot crowd out the pipeline.
+                await trio.sleep_until(next_request)
+                try:
+                    line = await lines.next_line()
+                except LineTooLong:
+                    problem = f"request line longer than {MAX_LINE} bytes"
+                except LineTimeout:
+                    problem = f"request line not finished within {LINE_TIMEOUT:g}s"
+            if line is None and connection.evicted:
+                # No lingering: a newcomer waits for this slot. What the client sent so far
+                # has been read, so closing does not reset the connection under the reply.
                 await send_reply(stream, error_reply(
-                    f"request line longer than {MAX_LINE} bytes; closing the connection"))
+                    f"closed to make room for a new connection (at most {self.limit} control "
+                    "connections; this one was idle the longest)"))
+                return
+            if problem is not None:
+                await send_reply(stream, error_reply(f"{problem}; closing the connection"))
                 await _linger(stream)
                 return
             if line is None:
                 return  # the client is done (or was idle too long)
-            if line.strip() and not await self._serve_request(stream, parse_request(line), uid):
+            connection.busy = True
+            next_request = trio.current_time() + REQUEST_INTERVAL
+            if line.strip() and not await self._serve_request(stream, parse_request(line), uid,
+                                                              connection):
                 return
 
     async def _serve_request(self, stream: trio.SocketStream, request: Request | BadRequest,
-                             uid: int) -> bool:
+                             uid: int, connection: Connection) -> bool:
         """Answer one request; False when the connection is done (after `watch`)."""
         if isinstance(request, BadRequest):
             await send_reply(stream, error_reply(request.error))
@@ -583,7 +689,12 @@ class ControlServer:
         if request.cmd != "status":
             self.runtime.log.info("control_command", cmd=request.cmd, uid=uid, **request.args)
         if request.cmd == "watch":
-            await watch(self.runtime, self.db, stream)
+            connection.idle()  # a watcher can be evicted like an idle connection
+            await watch(self.runtime, self.db, stream, connection)
+            if connection.evicted:
+                await send_reply(stream, error_reply(
+                    f"watch ended to make room for a new connection (at most {self.limit} "
+                    "control connections; this one was idle the longest)"))
             return False
         if request.cmd == "drain":
             try:
@@ -605,12 +716,6 @@ class ControlServer:
             reply = await answer(self.runtime, self.db, request)
             self._status_cache = (trio.current_time(), reply)
         return reply
-
-
-async def _read_line(lines: LineReader) -> bytes | None:
-    with trio.move_on_after(IDLE_TIMEOUT):
-        return await lines.next_line()
-    return None
 
 
 async def _linger(stream: trio.SocketStream) -> None:
@@ -640,9 +745,11 @@ async def serve_control(runtime: Runtime,
         return
     try:
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-        runtime.log.info("control_socket_listening", path=path)
-        server = ControlServer(runtime)
-        await trio.serve_listeners(server.handle, [listener], task_status=task_status)
+        server = ControlServer(runtime, connection_limit(MAX_CONNECTIONS, FD_SHARE))
+        runtime.log.info("control_socket_listening", path=path, max_connections=server.limit)
+        task_status.started()
+        await serve_bounded(listener, server.handle, limit=server.limit, log=runtime.log,
+                            name="control", make_room=server.make_room)
     finally:
         sock.close()
         remove_socket(path, identity)
@@ -656,7 +763,7 @@ def bind_socket(path: str) -> tuple[socket.socket, tuple[int, int]]:
     try:
         sock.bind(path)
         os.chmod(path, SOCKET_MODE)
-        sock.listen(MAX_CONNECTIONS)
+        sock.listen(LISTEN_BACKLOG)
         info = os.lstat(path)
     except BaseException:
         sock.close()

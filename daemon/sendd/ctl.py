@@ -12,10 +12,12 @@ import socket
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import IO, Any
 
-from sendd.config import Config
+from sendd.config import ConfigError, control_socket_of, load_config
 from sendd.errors import UserError
+from sendd.options import BIGINT_MAX, MAX_RATE, integer_between, short_name, text
 
 CONNECT_TIMEOUT = 5.0
 REPLY_TIMEOUT = 30.0  # a campaign pause waits for the database, up to 10 s
@@ -23,11 +25,35 @@ WATCH_TIMEOUT = 10.0  # watch lines come every second
 MAX_REPLY = 16 * 1024 * 1024
 
 
-# --- talking to the daemon -----------------------------------------------------------------
+# --- finding and talking to the daemon ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Daemon:
+    """Where the daemon listens; config_error says why the configuration was not used."""
+
+    socket: str
+    config_error: str | None = None
+
+
+def find_daemon(args: argparse.Namespace) -> Daemon:
+    """--socket, else daemon.control_socket. `sendd ctl` needs nothing else, so a configuration
+    file that does not load (the moment an operator needs `status` and `reload` most) does not
+    stop it: the socket is then read from what of the file can be read, or the default."""
+    if args.socket is not None:
+        return Daemon(args.socket)
+    try:
+        return Daemon(load_config(args.config).daemon.control_socket)
+    except ConfigError as error:
+        return Daemon(control_socket_of(args.config), str(error))
 
 
 @contextmanager
-def connect(path: str) -> Iterator[socket.socket]:
+def connect(daemon: Daemon) -> Iterator[socket.socket]:
+    path = daemon.socket
+    # Without the configuration, a wrong guess at the socket is likely: say why it was made.
+    why = f" (the configuration was not used: {daemon.config_error})" \
+        if daemon.config_error else ""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(CONNECT_TIMEOUT)
     try:
@@ -35,15 +61,15 @@ def connect(path: str) -> Iterator[socket.socket]:
     except (FileNotFoundError, ConnectionRefusedError) as error:
         sock.close()
         raise UserError(f"is sendd running? cannot connect to the control socket {path}: "
-                        f"{error.strerror}") from None
+                        f"{error.strerror}{why}") from None
     except PermissionError:
         sock.close()
         raise UserError(f"permission denied on the control socket {path}: run as root or as "
-                        "the user sendd runs as") from None
+                        f"the user sendd runs as{why}") from None
     except OSError as error:
         sock.close()
         raise UserError(f"cannot connect to the control socket {path}: "
-                        f"{error.strerror or error}") from None
+                        f"{error.strerror or error}{why}") from None
     with sock:
         yield sock
 
@@ -68,16 +94,19 @@ def read_reply(stream: IO[bytes], path: str) -> dict[str, Any] | None:
         raise UserError(f"unreadable reply from {path}: {line[:80]!r}") from None
 
 
-def request(path: str, req: dict[str, Any]) -> dict[str, Any]:
+def request(daemon: Daemon, req: dict[str, Any]) -> dict[str, Any]:
     """One request, one reply; an error reply raises UserError with the daemon's text."""
-    with connect(path) as sock:
+    with connect(daemon) as sock:
         sock.settimeout(REPLY_TIMEOUT)
         send(sock, req)
-        reply = read_reply(sock.makefile("rb"), path)
+        reply = read_reply(sock.makefile("rb"), daemon.socket)
     if reply is None:
-        raise UserError(f"sendd closed the control connection without answering ({path})")
+        raise UserError(f"sendd closed the control connection without answering "
+                        f"({daemon.socket})")
     if not reply.get("ok"):
-        raise UserError(f"ctl {req['cmd']}: {reply.get('error', 'failed')}")
+        # The daemon names the command of a malformed request itself: say it once.
+        error = str(reply.get("error", "failed")).removeprefix(f"{req['cmd']}: ")
+        raise UserError(f"ctl {req['cmd']}: {error}")
     return reply
 
 
@@ -171,9 +200,9 @@ def add_commands(commands: Any, common: argparse.ArgumentParser, command: Comman
         sub = command(actions, common, name, f"{verb} a campaign, tenant, account or all",
                       _pause_resume)
         target = sub.add_mutually_exclusive_group(required=True)
-        target.add_argument("--campaign", type=int, metavar="ID")
-        target.add_argument("--tenant", metavar="T")
-        target.add_argument("--account", metavar="A")
+        target.add_argument("--campaign", type=integer_between(1, BIGINT_MAX), metavar="ID")
+        target.add_argument("--tenant", type=short_name(), metavar="T")
+        target.add_argument("--account", type=short_name(), metavar="A")
         target.add_argument("--all", action="store_true")
         sub.set_defaults(cmd=name)
     sub = command(actions, common, "drain", "finish in-flight work and stop the daemon", _simple)
@@ -181,33 +210,32 @@ def add_commands(commands: Any, common: argparse.ArgumentParser, command: Comman
     sub = command(actions, common, "set-rate", "change an account's or tenant's limit live",
                   _set_rate)
     target = sub.add_mutually_exclusive_group(required=True)
-    target.add_argument("--account", metavar="A")
-    target.add_argument("--tenant", metavar="T")
-    sub.add_argument("--msgs-per-s", type=int, required=True, metavar="N", help="0 = unlimited")
-    sub.add_argument("--reqs-per-s", type=int, metavar="N", help="accounts only; 0 = unlimited")
+    target.add_argument("--account", type=short_name(), metavar="A")
+    target.add_argument("--tenant", type=short_name(), metavar="T")
+    rate = integer_between(0, MAX_RATE)
+    sub.add_argument("--msgs-per-s", type=rate, required=True, metavar="N", help="0 = unlimited")
+    sub.add_argument("--reqs-per-s", type=rate, metavar="N", help="accounts only; 0 = unlimited")
     sub = command(actions, common, "reload", "re-read the configuration file", _simple)
     sub.set_defaults(cmd="reload")
     sub = command(actions, common, "watch", "live campaign progress until Ctrl-C", _watch)
     sub.add_argument("--json", action="store_true", help="print the daemon's JSON lines")
     for parser in actions.choices.values():
-        parser.add_argument("--socket", metavar="PATH",
-                            help="control socket (default: daemon.control_socket)")
-
-
-def _path(args: argparse.Namespace, config: Config) -> str:
-    return args.socket or config.daemon.control_socket
+        parser.add_argument("--socket", metavar="PATH", type=text(),
+                            help="control socket (default: daemon.control_socket, which is "
+                                 "also read from a configuration that does not load)")
+        parser.set_defaults(control=True)  # sendd.cli: call with find_daemon(), not a Config
 
 
 def _print_json(value: Any) -> None:
     print(json.dumps(value, default=str))
 
 
-def _status(args: argparse.Namespace, config: Config) -> None:
-    reply = request(_path(args, config), {"cmd": "status"})
+def _status(args: argparse.Namespace, daemon: Daemon) -> None:
+    reply = request(daemon, {"cmd": "status"})
     print(json.dumps(reply, default=str) if args.json else format_status(reply))
 
 
-def _pause_resume(args: argparse.Namespace, config: Config) -> None:
+def _pause_resume(args: argparse.Namespace, daemon: Daemon) -> None:
     if args.all:
         scope, ident = "all", None
     elif args.campaign is not None:
@@ -216,14 +244,14 @@ def _pause_resume(args: argparse.Namespace, config: Config) -> None:
         scope, ident = "tenant", args.tenant
     else:
         scope, ident = "account", args.account
-    _print_json(request(_path(args, config), {"cmd": args.cmd, "scope": scope, "id": ident}))
+    _print_json(request(daemon, {"cmd": args.cmd, "scope": scope, "id": ident}))
 
 
-def _simple(args: argparse.Namespace, config: Config) -> None:
-    _print_json(request(_path(args, config), {"cmd": args.cmd}))
+def _simple(args: argparse.Namespace, daemon: Daemon) -> None:
+    _print_json(request(daemon, {"cmd": args.cmd}))
 
 
-def _set_rate(args: argparse.Namespace, config: Config) -> None:
+def _set_rate(args: argparse.Namespace, daemon: Daemon) -> None:
     req: dict[str, Any] = {"cmd": "set-rate", "msgs_per_s": args.msgs_per_s}
     if args.tenant is not None:
         if args.reqs_per_s is not None:
@@ -233,16 +261,16 @@ def _set_rate(args: argparse.Namespace, config: Config) -> None:
         req["account"] = args.account
         if args.reqs_per_s is not None:
             req["reqs_per_s"] = args.reqs_per_s
-    _print_json(request(_path(args, config), req))
+    _print_json(request(daemon, req))
 
 
-def _watch(args: argparse.Namespace, config: Config) -> int:
-    path = _path(args, config)
+def _watch(args: argparse.Namespace, daemon: Daemon) -> int:
+    path = daemon.socket
     out = sys.stdout
     live = out.isatty() and not args.json
     shown = 0
     try:
-        with connect(path) as sock:
+        with connect(daemon) as sock:
             sock.settimeout(WATCH_TIMEOUT)
             send(sock, {"cmd": "watch"})
             stream = sock.makefile("rb")

@@ -7,7 +7,9 @@ malformed half-way stores nothing at all.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import re
 import sys
 from collections.abc import Iterable, Iterator
@@ -24,6 +26,11 @@ CHUNK_ROWS = 10_000
 REJECTED_SAMPLE_SIZE = 5
 TRANSACTIONAL_PRIORITY = 10
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Characters a recipients line may hold; also the csv module's field limit, so no field can
+# exceed that, and a file without newlines is refused instead of read whole into memory.
+MAX_LINE = 128 * 1024
+AT_EXAMPLE = "2026-12-01T09:00:00+02:00"
+E164_SHAPE = re.compile(r"\+[1-9][0-9]{6,14}")  # + and 7 to 15 digits, as migration 0008
 COPY_COLUMNS = [
     "tenant_id", "campaign_id", "account", "sender", "recipient", "body", "priority", "segments",
 ]
@@ -66,16 +73,31 @@ def normalize_number(raw: str) -> str | None:
         return None
     if not phonenumbers.is_valid_number(parsed):
         return None
-    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+    number = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+    # The database fails any other shape (sendd.recipient_valid): reject it here instead.
+    return number if E164_SHAPE.fullmatch(number) else None
 
 
-def parse_at(value: str) -> datetime:
-    """An ISO 8601 time; naive times are taken as UTC."""
+def parse_at(value: str, now: datetime | None = None) -> datetime:
+    """The time `--at` names: ISO 8601 with a UTC offset (or Z), and still ahead. A time
+    without a zone, an empty value (an unset shell variable) and a past time are refused: each
+    would otherwise send at a moment nobody chose."""
+    if not value.strip():
+        raise UserError(f"--at: empty; give a time like {AT_EXAMPLE}, or --now to send at once")
     try:
-        parsed = datetime.fromisoformat(value)
+        parsed = datetime.fromisoformat(value.strip())
     except ValueError:
-        raise UserError(f"--at: not an ISO 8601 time: {value!r}") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        raise UserError(f"--at: not a time like {AT_EXAMPLE}: {value!r}") from None
+    if parsed.tzinfo is None:
+        raise UserError(f"--at: {value!r} has no time zone; add its UTC offset, like "
+                        f"{AT_EXAMPLE} (or Z for UTC)")
+    try:
+        parsed.astimezone(UTC)  # PostgreSQL stores it in UTC
+    except OverflowError:
+        raise UserError(f"--at: {value} is after the year 9999") from None
+    if parsed <= (now or datetime.now(UTC)):
+        raise UserError(f"--at: {value} is in the past; to send at once, say --now instead")
+    return parsed
 
 
 def read_recipients(
@@ -87,7 +109,7 @@ def read_recipients(
     if first is None:
         return
     first_no, first_line = first
-    header = next(csv.reader([first_line]))
+    header = _csv_fields(first_line, source_name, first_no)
     columns = [c.strip().lower() for c in header]
     if "phone" not in columns:
         _check_placeholders(placeholders, {"phone"}, source_name)
@@ -98,17 +120,57 @@ def read_recipients(
     yield from _csv_rows(lines, columns, source_name)
 
 
+def open_recipients(path: str) -> contextlib.AbstractContextManager[TextIO]:
+    """The recipients file (or stdin for "-") for read_recipients.
+
+    Bytes that are not UTF-8 are decoded as lone surrogates (surrogateescape) and refused line
+    by line, because a strict decoder fails on the chunk it reads ahead, so it cannot say which
+    line is bad. utf-8-sig: a CSV saved by a spreadsheet starts with a byte order mark."""
+    options: dict[str, Any] = {"encoding": "utf-8-sig", "errors": "surrogateescape",
+                               "newline": ""}
+    if path == "-":
+        return contextlib.nullcontext(io.TextIOWrapper(sys.stdin.buffer, **options))
+    try:
+        return open(path, **options)  # noqa: SIM115 -- a context manager
+    except OSError as error:
+        raise UserError(f"--recipients: cannot read {path}: {error.strerror}") from None
+
+
 def _numbered_lines(stream: TextIO, source_name: str) -> Iterator[tuple[int, str]]:
     number = 0
     try:
-        for number, line in enumerate(stream, start=1):  # noqa: B007 (used in except)
-            if "\x00" in line:
-                raise UserError(f"{source_name}: line {number}: binary data, not a text file")
+        # Room for "\r\n" after MAX_LINE characters: a longer line comes back cut, too long.
+        while line := stream.readline(MAX_LINE + 2):
+            number += 1
+            if len(line) > MAX_LINE or "\x00" in line or not (line.isascii() or _utf8(line)):
+                _refuse_line(line, source_name, number)
             stripped = line.strip()
             if stripped and not stripped.startswith("#"):
                 yield number, stripped
-    except UnicodeDecodeError:
-        raise UserError(f"{source_name}: line {number + 1}: not UTF-8 text") from None
+    except UnicodeDecodeError:  # a stream opened without surrogateescape
+        raise UserError(f"{source_name}: after line {number}: not UTF-8 text") from None
+
+
+def _utf8(line: str) -> bool:
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:  # surrogateescape's stand-ins for bytes that were not UTF-8
+        return False
+    return True
+
+
+def _refuse_line(line: str, source_name: str, number: int) -> None:
+    """Raise for a line that is binary, too long or not UTF-8 (a line just over MAX_LINE may
+    be none of these: its end of line is not counted)."""
+    if "\x00" in line:
+        problem = "binary data, not a text file"
+    elif len(line.rstrip("\r\n")) > MAX_LINE:
+        problem = f"longer than {MAX_LINE:,} characters"
+    elif not _utf8(line):
+        problem = "not UTF-8 text"
+    else:
+        return
+    raise UserError(f"{source_name}: line {number}: {problem}")
 
 
 def _plain_lines(lines: Iterable[tuple[int, str]], source_name: str) -> Iterator:
@@ -123,13 +185,20 @@ def _plain_lines(lines: Iterable[tuple[int, str]], source_name: str) -> Iterator
 
 def _csv_rows(lines: Iterable[tuple[int, str]], columns: list[str], source_name: str) -> Iterator:
     for number, line in lines:
-        values = next(csv.reader([line]))
+        values = _csv_fields(line, source_name, number)
         if len(values) != len(columns):
             raise UserError(
                 f"{source_name}: line {number}: {len(values)} fields, the header has {len(columns)}"
             )
         row = {c: v.strip() for c, v in zip(columns, values, strict=True)}
         yield number, row["phone"], row
+
+
+def _csv_fields(line: str, source_name: str, number: int) -> list[str]:
+    try:
+        return next(csv.reader([line]))
+    except csv.Error as error:  # MAX_LINE keeps fields within the limit; this is a safety net
+        raise UserError(f"{source_name}: line {number}: not a CSV row: {error}") from None
 
 
 def _check_placeholders(placeholders: set[str], columns: set[str], source_name: str) -> None:

@@ -3,26 +3,49 @@
 A raw ASGI app (no framework). Bodies over 1 MiB are refused with 413; unknown paths get 404
 and other methods than GET 405. An address that cannot be bound is logged and the daemon runs
 on without the server, like the control socket.
+
+Slow or greedy clients cannot hold it (it is to take provider webhooks from the internet):
+ - a request head must arrive within HEAD_TIMEOUT of the connection (or of the previous
+   response): hypercorn's keep-alive timer, which runs until a head is complete;
+ - its body within BODY_TIMEOUT of the head, else 408 and the connection is closed;
+ - a client that does not read a response for SEND_TIMEOUT is dropped;
+ - at most MAX_CONNECTIONS connections at once (fewer under a low descriptor limit): the
+   accept loop is ours (sendd.listeners), running hypercorn's per-connection server, because
+   hypercorn's own has no bound; further clients wait in the listen queue.
 """
 
 from __future__ import annotations
 
-import functools
+import logging
 from typing import Any
 
-import hypercorn.trio
 import orjson
 import trio
+from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import repr_socket_addr
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from sendd.db import RETRYABLE_ERRORS
+from sendd.listeners import connection_limit, serve_bounded
 from sendd.metrics import refresh_database_gauges
 from sendd.runtime import Runtime
 
 MAX_BODY = 1024 * 1024
 RESTART_MEMORY = 60.0  # an actor that crashed this recently makes /healthz fail
 READY_TIMEOUT = 2.0
+MAX_CONNECTIONS = 256
+FD_SHARE = 1 / 4  # of the process's descriptor limit, at most, for HTTP connections
+LISTEN_BACKLOG = 128
+HEAD_TIMEOUT = 5.0  # seconds for a request head (and for an idle keep-alive connection)
+BODY_TIMEOUT = 5.0  # seconds for a request body, from the end of its head
+SEND_TIMEOUT = 10.0  # seconds a client may leave a response unread
+# Any single read: longer than a handler can take (readyz: READY_TIMEOUT), since a client
+# waiting for its response sends nothing meanwhile.
+READ_TIMEOUT = 30
 
 Send = Any
 Receive = Any
@@ -32,31 +55,72 @@ async def serve_http(runtime: Runtime,
                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until cancelled (the daemon's nursery ends it after the drain)."""
     listen = runtime.config.daemon.http_listen
+    config = server_config(listen)
+    try:
+        [sock] = config.create_sockets().insecure_sockets
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as error:
+        runtime.log.error("http_unavailable", address=listen,
+                          error=error.strerror or repr(error))
+        task_status.started()
+        return
+    limit = connection_limit(MAX_CONNECTIONS, FD_SHARE)
+    app, context = ASGIWrapper(App(runtime)), WorkerContext(None)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        await TCPServer(app, config, context, ConnectionState({}), GuardedStream(stream))
+
+    with sock:
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        runtime.log.info("http_listening", address=listen, max_connections=limit,
+                         binds=[f"http://{repr_socket_addr(sock.family, sock.getsockname())}"])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(refresh_database_gauges, runtime)
+            task_status.started()
+            await serve_bounded(listener, handle, limit=limit, log=runtime.log, name="http")
+
+
+def server_config(listen: str) -> HypercornConfig:
     config = HypercornConfig()
     config.bind = [listen]
     config.accesslog = None
-    config.errorlog = None  # the daemon logs as JSON; hypercorn's plain lines would mix in
-    bound = False
-    try:
-        async with trio.open_nursery() as nursery:
-            # hypercorn handles no signals here: the daemon's own handlers drain, and the
-            # cancellation of this actor stops the server.
-            serve = functools.partial(hypercorn.trio.serve, App(runtime), config,
-                                      shutdown_trigger=trio.sleep_forever)
-            binds = await nursery.start(serve)
-            bound = True
-            runtime.log.info("http_listening", address=listen, binds=binds)
-            nursery.start_soon(refresh_database_gauges, runtime)
-            task_status.started()
-    except* OSError as group:
-        if bound:
-            raise
-        error = group.exceptions[0]
-        while isinstance(error, BaseExceptionGroup):
-            error = error.exceptions[0]
-        runtime.log.error("http_unavailable", address=listen,
-                          error=getattr(error, "strerror", None) or repr(error))
-        task_status.started()
+    # Through the stdlib `logging` module, which the daemon logs as JSON lines (sendd.logs).
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.keep_alive_timeout = HEAD_TIMEOUT
+    config.read_timeout = READ_TIMEOUT
+    return config
+
+
+class GuardedStream(trio.abc.HalfCloseableStream):
+    """A client connection whose sends give up after SEND_TIMEOUT. hypercorn shields its sends
+    from cancellation, so without this a client that never reads would hold its connection
+    (and a descriptor) for good."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        return self.stream.socket  # hypercorn reads the addresses from it
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        with trio.move_on_after(SEND_TIMEOUT):
+            await self.stream.send_all(data)
+            return
+        await trio.aclose_forcefully(self.stream)
+        raise trio.BrokenResourceError(f"the client read nothing for {SEND_TIMEOUT:g}s")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.stream.receive_some(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
 
 
 class App:
@@ -66,13 +130,19 @@ class App:
                        "/metrics": self.metrics}
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-        elif scope["type"] == "http":
+        if scope["type"] == "http":
             await self.http(scope, receive, send)
 
     async def http(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        if not await _body_fits(scope, receive):
+        fits = None
+        with trio.move_on_after(BODY_TIMEOUT):
+            fits = await _body_fits(scope, receive)
+        if fits is None:
+            await _respond(send, 408, {"ok": False, "error": "request body not received "
+                                                             f"within {BODY_TIMEOUT:g}s"},
+                           [(b"connection", b"close")])
+            return
+        if not fits:
             await _respond(send, 413, {"ok": False, "error": "request body over 1 MiB"})
             return
         handler = self.routes.get(scope["path"])
@@ -150,16 +220,6 @@ async def _body_fits(scope: dict[str, Any], receive: Receive) -> bool:
             return False
         if not message.get("more_body", False):
             return True
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 async def _respond(send: Send, status: int, payload: dict[str, Any],

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sendd.errors import UserError
+from sendd.options import BIGINT_MAX
 
 
 async def set_tenant(
@@ -30,6 +31,9 @@ async def set_tenant(
             new_credits = credits
         if add_credits is not None:
             new_credits += add_credits
+        if new_credits > BIGINT_MAX:  # the column's limit; the database would not name it
+            raise UserError(f"--add-credits: tenant {tenant!r} would have more than "
+                            f"{BIGINT_MAX} credits")
         await _check_reserved(conn, tenant, new_credits, row["credits"])
         await _change_credits(conn, tenant, new_credits - row["credits"], credits is not None)
         await conn.execute(

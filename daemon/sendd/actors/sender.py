@@ -145,7 +145,7 @@ async def send_batch(runtime: Runtime, batch: Batch) -> list[BatchResult | Unset
         if regrant > REGRANT_WAIT:
             # A 429 came in meanwhile: wait for it unmarked, back in the queue.
             return [*results, released(batch)]
-        await trio.sleep(regrant)
+        await trio.sleep(max(0.0, regrant))
         waited += max(0.0, regrant)
     with runtime.working("sender"):
         started = time.time()  # wall clock: logged, so rates can be checked from the log
