@@ -181,15 +181,18 @@ async def send_batch(runtime: Runtime, batch: Batch) -> list[BatchResult | Unset
 
 
 async def _rate_grant(runtime: Runtime, batch: Batch, single: bool) -> float:
-    requests = len(batch.messages) if single else 1
     return await runtime.governor.acquire(batch.account, batch.tenant_id, len(batch.messages),
-                                          requests=requests)
+                                          requests=_requests(batch, single))
 
 
 def _rate_reserve(runtime: Runtime, batch: Batch, single: bool) -> float:
-    requests = len(batch.messages) if single else 1
     return runtime.governor.reserve(batch.account, batch.tenant_id, len(batch.messages),
-                                    requests=requests)
+                                    requests=_requests(batch, single))
+
+
+def _requests(batch: Batch, single: bool) -> int:
+    """Requests the batch takes: one, or one per message for a single-message account."""
+    return len(batch.messages) if single else 1
 
 
 async def _local_trouble(runtime: Runtime, error: str) -> None:
