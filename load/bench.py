@@ -7,8 +7,8 @@
         --reject 0.01 --tenants 2 --campaigns 3
 
 Everything runs in a private temp dir and is stopped at the end, whatever happens (Ctrl-C
-too): a durable private PostgreSQL (sendd.pgserver), the fake provider
-(`python -m sendd.fakeprovider`) and K daemons (`python -m sendd run`, each with its own
+too): a durable private PostgreSQL (sendd.dev.pgserver), the fake provider
+(`python -m sendd.dev.fakeprovider`) and K daemons (`python -m sendd run`, each with its own
 config, HTTP port and control socket). The steps:
 
 1. migrate and create the tenants with `sendd` itself, create the campaigns with an INSERT and
@@ -62,9 +62,9 @@ import cpu  # noqa: E402
 import dataset  # noqa: E402
 import report  # noqa: E402
 from harness import Daemon, FakeProvider, setup_database, write_config  # noqa: E402
-from sendd import interrupts  # noqa: E402
 from sendd.config import PipelineConfig, RetryConfig  # noqa: E402
-from sendd.pgserver import PrivatePostgres, ServerError, free_port, log_tail  # noqa: E402
+from sendd.dev import interrupts  # noqa: E402
+from sendd.dev.pgserver import PrivatePostgres, ServerError, free_port, log_tail  # noqa: E402
 
 SAMPLE_INTERVAL = 0.5  # seconds between samples of the time series
 PROGRESS_EVERY = 3.0  # seconds between progress lines

@@ -119,7 +119,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--rate", type=int, default=0, help="account messages/s (0: unlimited)")
     args = parser.parse_args()
-    from sendd.pgserver import PrivatePostgres
+    from sendd.dev.pgserver import PrivatePostgres
 
     with tempfile.TemporaryDirectory(prefix="sendd-killstorm-") as tmp, \
             PrivatePostgres(durable=True) as pg:

@@ -31,7 +31,7 @@ from harness import (  # noqa: E402 -- needs the path set-up above
     wait_until,
     write_config,
 )
-from sendd.pgserver import PrivatePostgres  # noqa: E402
+from sendd.dev.pgserver import PrivatePostgres  # noqa: E402
 
 
 def accepted_by(fake: FakeProvider) -> Counter[str]:

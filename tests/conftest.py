@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from sendd.pgserver import PrivatePostgres, PrivateRedis
+from sendd.dev.pgserver import PrivatePostgres, PrivateRedis
 
 # --- Private servers ------------------------------------------------------------------------
 # One throwaway PostgreSQL and one Redis per test session, on free ports, never the system's.

@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 import httpx
 
-from sendd.pgserver import free_port
+from sendd.dev.pgserver import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SENDD = [sys.executable, "-m", "sendd"]
@@ -126,11 +126,11 @@ def status_counts(url: str, campaign_id: int | None = None) -> dict[str, int]:
 # --- fake provider --------------------------------------------------------------------------
 
 class FakeProvider:
-    """`python -m sendd.fakeprovider` as a real process on a free loopback port."""
+    """`python -m sendd.dev.fakeprovider` as a real process on a free loopback port."""
 
     def __init__(self, *flags: str) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "sendd.fakeprovider", "--port", "0", *flags],
+            [sys.executable, "-m", "sendd.dev.fakeprovider", "--port", "0", *flags],
             stdout=subprocess.PIPE, env=env(), text=True,
         )
         line = self.process.stdout.readline()

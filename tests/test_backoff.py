@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sendd.backoff import retry_delay
+from sendd.core.backoff import retry_delay
 
 ATTEMPTS = st.integers(min_value=1, max_value=5000)
 BASES = st.floats(min_value=0.0, max_value=100.0)

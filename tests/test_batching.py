@@ -1,7 +1,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sendd.batching import BatchBuilder
+from sendd.core.batching import BatchBuilder
 
 LINGER = 0.5
 KEYS = ["a", "b", "c"]

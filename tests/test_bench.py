@@ -19,7 +19,7 @@ import asyncpg
 import pytest
 
 from harness import env
-from sendd import migrate
+from sendd.db import migrate
 
 LOAD = Path(__file__).resolve().parents[1] / "load"
 sys.path.insert(0, str(LOAD))

@@ -1,11 +1,11 @@
-"""The accounts' circuit breakers (sendd.breaker): pure bookkeeping, so exact."""
+"""The accounts' circuit breakers (sendd.core.breaker): pure bookkeeping, so exact."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sendd.breaker import OPEN_AFTER, Admission, Breakers, State
+from sendd.core.breaker import OPEN_AFTER, Admission, Breakers, State
 
 TIMEOUT = 10.0
 

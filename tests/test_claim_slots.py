@@ -15,9 +15,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from sendd import leases, migrate, tenants
+from sendd import leases
 from sendd.actors import express, poller
-from sendd.ratelimit import Governor
+from sendd.commands import tenants
+from sendd.core.ratelimit import Governor
+from sendd.db import migrate
 from sendd.runtime import Runtime
 
 MESSAGES = 600  # campaign messages; as many transactional ones again, same segments
@@ -88,7 +90,7 @@ async def _race(url: str, claimers: int, chunk: int) -> tuple[list[list[int]], i
 
 
 def _run(work: Any) -> Any:
-    # The default loop: with trio_asyncio imported (sendd.db), a trio-hosted one, which the
+    # The default loop: with trio_asyncio imported (sendd.db.connection), a trio-hosted one, which the
     # Runtime needs (it reads trio's clock).
     loop = asyncio.new_event_loop()
     try:

@@ -243,7 +243,8 @@ def test_out_of_range_numbers_name_the_option(config, database_url, args, option
 
 
 def test_ctl_rates_match_the_daemons_limits():
-    from sendd import control, options
+    from sendd import options
+    from sendd.control.server import server as control
 
     assert options.MAX_RATE == control.MAX_RATE
 

@@ -35,7 +35,8 @@ from harness import (
     write_config,
 )
 from sendd.config import load_config
-from sendd.control import (
+from sendd.control.client import format_progress, format_status
+from sendd.control.server import (
     MAX_LINE,
     BadRequest,
     Request,
@@ -43,7 +44,6 @@ from sendd.control import (
     parse_request,
     plan_reload,
 )
-from sendd.ctl import format_progress, format_status
 
 # --- the parser (pure) -----------------------------------------------------------------------
 

@@ -29,10 +29,11 @@ from harness import (
     wait_until,
     write_config,
 )
-from sendd import campaigns, migrate
-from sendd.enqueue import normalize_number
+from sendd.commands import campaigns
+from sendd.commands.enqueue import normalize_number
+from sendd.core.segments import GSM7_BASIC, GSM7_EXTENSION, count_segments
+from sendd.db import migrate
 from sendd.errors import UserError
-from sendd.segments import GSM7_BASIC, GSM7_EXTENSION, count_segments
 
 LONG_BODY = "x" * 600  # GSM-7: 4 parts of 153
 NO_PROVIDER = "http://127.0.0.1:9"  # never contacted
@@ -242,7 +243,7 @@ def test_every_number_enqueue_accepts_is_well_formed_for_the_database(database_u
     assert normalize_number("+989601") is None  # valid for phonenumbers, but 6 digits
 
 
-# --- one segment rule: the SQL function agrees with sendd.segments ----------------------------
+# --- one segment rule: the SQL function agrees with sendd.core.segments ----------------------------
 
 EXTRA = ["é", "ü", "ç", "Ж", "中", "\x1b", "\t", "`", "\uffff", "😀", "𝄞", "\U00010000",
          "\U0010ffff"]

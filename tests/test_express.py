@@ -21,9 +21,11 @@ from harness import (
     wait_until,
     write_config,
 )
-from sendd import leases, migrate, tenants
+from sendd import leases
 from sendd.actors import express
-from sendd.ratelimit import Governor
+from sendd.commands import tenants
+from sendd.core.ratelimit import Governor
+from sendd.db import migrate
 from sendd.runtime import Runtime
 
 # A slow provider and few senders keep the campaign pipeline's channels full: 6 chunks of 200
@@ -105,7 +107,7 @@ async def _express_claim(url: str, timeout: float) -> tuple[list[Any], dict[int,
 
 
 def _run_asyncio(work: Any) -> Any:
-    loop = asyncio.new_event_loop()  # trio-hosted (sendd.db imports trio_asyncio): Runtime
+    loop = asyncio.new_event_loop()  # trio-hosted (sendd.db.connection imports trio_asyncio): Runtime
     try:                             # reads trio's clock
         return loop.run_until_complete(work)
     finally:

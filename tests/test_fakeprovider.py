@@ -23,14 +23,14 @@ KEY = {"X-Mitto-API-Key": "test-key"}
 
 
 class FakeProcess:
-    """A `python -m sendd.fakeprovider` child and the port it printed."""
+    """A `python -m sendd.dev.fakeprovider` child and the port it printed."""
 
     def __init__(self, *args: str) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(DAEMON_DIR),
                                                           env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sendd.fakeprovider", "--port", "0", *args],
+            [sys.executable, "-m", "sendd.dev.fakeprovider", "--port", "0", *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         line = self.proc.stdout.readline()
         if not line:  # it died before listening: show why
@@ -305,7 +305,7 @@ def test_cli_flags_and_sigterm() -> None:
 
 def test_cli_rejects_bad_values() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "sendd.fakeprovider", "--status-override", "200"],
+        [sys.executable, "-m", "sendd.dev.fakeprovider", "--status-override", "200"],
         capture_output=True, text=True, timeout=30,
         env={**os.environ, "PYTHONPATH": str(DAEMON_DIR)})
     assert result.returncode != 0
@@ -313,7 +313,7 @@ def test_cli_rejects_bad_values() -> None:
 
 
 async def test_serve_in_process(nursery) -> None:
-    from sendd.fakeprovider import FakeProvider, FakeSettings, serve
+    from sendd.dev.fakeprovider import FakeProvider, FakeSettings, serve
 
     settings = FakeSettings(api_keys=["inproc"])
     provider = FakeProvider(settings)  # passed instead of settings to read its stats directly

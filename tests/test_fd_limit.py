@@ -23,7 +23,7 @@ from harness import (
     wait_until,
     write_config,
 )
-from sendd.pgserver import free_port
+from sendd.dev.pgserver import free_port
 
 NOFILE = 200
 

@@ -21,7 +21,7 @@ from harness import (
     wait_until,
     write_config,
 )
-from sendd.pgserver import free_port
+from sendd.dev.pgserver import free_port
 
 
 def http_config(tmp_path: Path, database_url: str, provider_url: str, port: int,

@@ -14,8 +14,8 @@ import trio
 import trio.testing
 
 from sendd import listeners
-from sendd.control import Connection, ControlServer, LineReader, LineTimeout, LineTooLong
-from sendd.http import GuardedStream
+from sendd.control.server import Connection, ControlServer, LineReader, LineTimeout, LineTooLong
+from sendd.http.operators import GuardedStream
 from sendd.logs import Throttle
 
 

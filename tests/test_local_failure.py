@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import trio
 
 from sendd.actors.sender import note_availability, outcomes_of
-from sendd.breaker import Breakers, State
+from sendd.core.breaker import Breakers, State
 from sendd.model import RELEASE, Message
 from sendd.providers import base
 from sendd.providers.http11 import Client, LocalFailure

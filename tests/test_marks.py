@@ -17,11 +17,13 @@ import trio
 import trio_asyncio
 import triopg
 
-from sendd import leases, migrate, tenants
+from sendd import leases
 from sendd.actors import poller, sender
 from sendd.actors.writer import write_results
+from sendd.commands import tenants
+from sendd.core.ratelimit import Governor
+from sendd.db import migrate
 from sendd.model import RELEASE, Batch
-from sendd.ratelimit import Governor
 from sendd.runtime import Runtime
 
 INSTANCE = "d1"

@@ -13,8 +13,8 @@ import pytest
 import redis
 import trio
 
-from sendd import pgserver
-from sendd.pgserver import PrivatePostgres, PrivateRedis, ServerError, free_port
+from sendd.dev import pgserver
+from sendd.dev.pgserver import PrivatePostgres, PrivateRedis, ServerError, free_port
 
 
 async def _fetchval(url: str, sql: str) -> object:

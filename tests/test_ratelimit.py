@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harness import busiest_window
-from sendd.ratelimit import UNLIMITED_BATCH, Governor, WindowLimit
+from sendd.core.ratelimit import UNLIMITED_BATCH, Governor, WindowLimit
 
 
 class FakeClock:

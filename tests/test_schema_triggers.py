@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from harness import ALLOWED, STATUSES
-from sendd import migrate
+from sendd.db import migrate
 
 
 def with_db(url: str, work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sendd.segments import GSM7_BASIC, GSM7_EXTENSION, count_segments, encoding
+from sendd.core.segments import GSM7_BASIC, GSM7_EXTENSION, count_segments, encoding
 
 BASIC = "".join(sorted(GSM7_BASIC))
 EXTENSION = "".join(sorted(GSM7_EXTENSION))

@@ -29,14 +29,16 @@ from hypothesis.stateful import (
 )
 
 from harness import ALLOWED, STATUSES
-from sendd import campaigns, leases, migrate, tenants
+from sendd import leases
 from sendd.actors.express import claim_express
 from sendd.actors.poller import TENANT_BUDGETS, claim_due
 from sendd.actors.sender import MARK_SUBMITTED
 from sendd.actors.writer import write_results
+from sendd.commands import campaigns, tenants
+from sendd.core.ratelimit import Governor
+from sendd.db import migrate
 from sendd.errors import UserError
 from sendd.model import FAILED, RELEASE, RETRY, SENT, UNKNOWN, BatchResult, Message, Outcome
-from sendd.ratelimit import Governor
 from sendd.runtime import Runtime
 
 ILLEGAL = sorted((a, b) for a in STATUSES for b in STATUSES if a != b and (a, b) not in ALLOWED)

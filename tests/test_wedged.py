@@ -23,7 +23,7 @@ from harness import (
     wait_until,
     write_config,
 )
-from sendd.pgserver import free_port
+from sendd.dev.pgserver import free_port
 
 STALL_SECONDS = 2.0
 

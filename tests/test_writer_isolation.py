@@ -18,13 +18,15 @@ import trio_asyncio
 import triopg
 
 from harness import write_config
-from sendd import leases, migrate, tenants
+from sendd import leases
 from sendd.actors import poller
 from sendd.actors.reaper import run_reaper
 from sendd.actors.writer import flush
+from sendd.commands import tenants
 from sendd.config import load_config
+from sendd.core.ratelimit import Governor
+from sendd.db import migrate
 from sendd.model import FAILED, RETRY, SENT, BatchResult, Message, Outcome
-from sendd.ratelimit import Governor
 from sendd.runtime import Runtime
 
 INSTANCE = "d1"

@@ -11,8 +11,10 @@ from typing import Any, NoReturn
 
 import asyncpg
 
-from sendd import campaigns, db, migrate, tenants
+from sendd.commands import campaigns, tenants
 from sendd.config import Config, ConfigError, load_config, masked
+from sendd.db import connection as db
+from sendd.db import migrate
 from sendd.errors import UserError
 from sendd.options import BIGINT_MAX, MAX_RATE, integer_between, short_name, text
 
@@ -27,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     try:
         if getattr(args, "control", False):  # sendd ctl: needs the socket, not the config
-            from sendd import ctl
+            from sendd.control import client as ctl
 
             return args.handler(args, ctl.find_daemon(args)) or 0
         config = load_config(args.config, database_url=args.database_url)
@@ -178,7 +180,13 @@ def _add_enqueue(commands: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _enqueue(args: argparse.Namespace, config: Config) -> None:
-    from sendd.enqueue import EnqueueRequest, enqueue, open_recipients, parse_at, progress_stream
+    from sendd.commands.enqueue import (
+        EnqueueRequest,
+        enqueue,
+        open_recipients,
+        parse_at,
+        progress_stream,
+    )
 
     account = _pick_account(config, args.account)
     at = None if args.at is None else parse_at(args.at)  # --at "" is an error, not "now"
@@ -258,7 +266,7 @@ def _add_config(commands: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _add_ctl(commands: Any, common: argparse.ArgumentParser) -> None:
-    from sendd import ctl
+    from sendd.control import client as ctl
 
     ctl.add_commands(commands, common, _command)
 
@@ -272,6 +280,6 @@ def _add_demo(commands: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _demo(args: argparse.Namespace, config: Config) -> int:
-    from sendd.demo import run_demo
+    from sendd.dev.demo import run_demo
 
     return run_demo(args.messages)

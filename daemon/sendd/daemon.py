@@ -19,7 +19,7 @@ from typing import Any
 import trio
 import triopg
 
-from sendd import leases, migrate
+from sendd import leases
 from sendd.actors.batcher import run_batcher
 from sendd.actors.express import EXPRESS_CAPACITY, EXPRESS_SENDERS, run_express_poller
 from sendd.actors.poller import CAMPAIGN_POLLERS, run_poller
@@ -28,13 +28,14 @@ from sendd.actors.sender import LeaseLost, run_sender
 from sendd.actors.settler import LOOKUP_CONCURRENCY, run_settler
 from sendd.actors.writer import run_writer
 from sendd.config import Config, PipelineConfig
-from sendd.control import reload_on_signal, serve_control
-from sendd.db import CONNECTION_ERRORS, unavailable
+from sendd.control.server import reload_on_signal, serve_control
+from sendd.core.ratelimit import Governor
+from sendd.db import migrate
+from sendd.db.connection import CONNECTION_ERRORS, unavailable
 from sendd.errors import UserError
-from sendd.http import serve_http
+from sendd.http.operators import serve_http
 from sendd.notify import Notifier, watchdog_interval
 from sendd.providers import open_provider
-from sendd.ratelimit import Governor
 from sendd.runtime import Runtime, new_instance_id
 from sendd.supervisor import CrashLoop, Supervisor, first_leaf
 

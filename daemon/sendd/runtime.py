@@ -18,11 +18,11 @@ from typing import Any
 import structlog
 import trio
 
-from sendd.breaker import Breakers
 from sendd.config import Config
-from sendd.metrics import Metrics
+from sendd.core.breaker import Breakers
+from sendd.core.ratelimit import Governor
+from sendd.http.metrics import Metrics
 from sendd.providers.base import Provider
-from sendd.ratelimit import Governor
 from sendd.unserved import UnservedWatch
 
 # Longer than the longest retry backoff (5 s), so a problem stays visible between attempts.
@@ -43,7 +43,7 @@ class Runtime:
     governor: Governor
     providers: dict[str, Provider]
     log: Any = field(default_factory=structlog.get_logger)
-    # Accounts whose provider cannot be reached are held back by their breaker (sendd.breaker).
+    # Accounts whose provider cannot be reached are held back by their breaker (sendd.core.breaker).
     breakers: Breakers = field(init=False)
     # Messages whose account no daemon serves (sendd.unserved), kept by the lead poller.
     unserved: UnservedWatch = field(default_factory=UnservedWatch)
@@ -56,7 +56,7 @@ class Runtime:
     batch_cap: dict[str, int] = field(default_factory=dict)
     # Work in progress per actor (see `working`), to tell a wedged actor from an idle one.
     busy_since: dict[tuple[str, object], float] = field(default_factory=dict)
-    # Messages queued in the database, refreshed every few seconds (sendd.metrics), or None.
+    # Messages queued in the database, refreshed every few seconds (sendd.http.metrics), or None.
     backlog: int | None = None
     # A reload that needs a new pipeline sets `rebuild` after putting the config in `next_config`.
     rebuild: trio.Event = field(default_factory=trio.Event)
@@ -71,7 +71,7 @@ class Runtime:
     wakeup: trio.Event = field(default_factory=trio.Event)
     # Each tenant's budget as the last claim read it: which claim slots the next claim takes.
     budgets: dict[str, int] = field(default_factory=dict)
-    # --- read by the control socket (sendd.control); daemon.py fills these in -------------
+    # --- read by the control socket (sendd.control.server); daemon.py fills these in -------------
     # Operator pause of everything: the poller claims nothing while it is set.
     paused_all: bool = False
     # Trio time the daemon started, for the uptime.
@@ -83,7 +83,7 @@ class Runtime:
     restarts: Counter[str] = field(default_factory=Counter)
     # The pipeline's memory channels by name (either end: `statistics()` reads the shared state).
     channels: dict[str, Any] = field(default_factory=dict)
-    # --- read by the HTTP server (sendd.http, sendd.metrics) -----------------------------
+    # --- read by the HTTP server (sendd.http.operators, sendd.http.metrics) -----------------------------
     # Messages by (outcome, account, tenant), counted by the writer as it stores them.
     outcomes_by: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     # Trio time each actor last crashed (the supervisor's record), for /healthz.

@@ -13,7 +13,7 @@ from typing import Any
 
 import trio
 
-from sendd.backoff import retry_delay
+from sendd.core.backoff import retry_delay
 
 # Errors that mean the daemon itself must stop (e.g. its lease ended), not just restart one actor.
 FATAL: tuple[type[BaseException], ...] = ()

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import trio
 
-from sendd.batching import BatchBuilder
+from sendd.core.batching import BatchBuilder
 from sendd.model import Batch, Message
 from sendd.runtime import Runtime
 

@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 from sendd.actors import poller
-from sendd.db import keep_connected, listening
+from sendd.db.connection import keep_connected, listening
 from sendd.leases import LEASE_MARGIN
 from sendd.model import Batch, Message
 from sendd.runtime import Runtime

@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from sendd import unserved
-from sendd.db import keep_connected, listening
+from sendd.db.connection import keep_connected, listening
 from sendd.model import Message
 from sendd.runtime import Runtime
 

@@ -8,7 +8,7 @@ import trio
 
 from sendd import leases
 from sendd.actors.sender import LeaseLost
-from sendd.db import RETRYABLE_ERRORS, keep_connected
+from sendd.db.connection import RETRYABLE_ERRORS, keep_connected
 from sendd.model import Message, Unsettled
 from sendd.runtime import Runtime
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import trio
 
-from sendd.backoff import retry_delay
-from sendd.breaker import Admission, State, Ticket
 from sendd.config import RetryConfig
-from sendd.db import RETRYABLE_ERRORS
+from sendd.core.backoff import retry_delay
+from sendd.core.breaker import Admission, State, Ticket
+from sendd.db.connection import RETRYABLE_ERRORS
 from sendd.leases import LEASE_MARGIN
 from sendd.model import (
     FAILED,
@@ -157,7 +157,7 @@ async def send_batch(runtime: Runtime, batch: Batch) -> list[BatchResult | Unset
             responses = [await provider.send(batch.messages)]
     note_availability(runtime, batch.account, ticket, responses)
     response = speaking_for(responses)
-    # Metrics (sendd.metrics): rate wait, request time, batch size.
+    # Metrics (sendd.http.metrics): rate wait, request time, batch size.
     runtime.metrics.rate_wait.observe(waited)
     runtime.metrics.provider_request.labels(batch.account).observe(
         trio.current_time() - request_started)

@@ -19,8 +19,8 @@ from typing import Any
 import asyncpg
 import trio
 
-from sendd.backoff import retry_delay
-from sendd.db import RETRYABLE_ERRORS
+from sendd.core.backoff import retry_delay
+from sendd.db.connection import RETRYABLE_ERRORS
 from sendd.model import FAILED, RELEASE, RETRY, SENT, UNKNOWN, BatchResult, Outcome
 from sendd.runtime import Runtime
 
@@ -145,7 +145,7 @@ async def _write_until_stored(runtime: Runtime, pending: list[BatchResult]) -> N
         raise
     refused = apart.refused_ids()
     stored = [o for r in pending for o in r.outcomes if o.message.id not in refused]
-    # Metrics (sendd.metrics): flush time and size; outcomes counted once stored, which covers
+    # Metrics (sendd.http.metrics): flush time and size; outcomes counted once stored, which covers
     # the senders' and the settler's results alike.
     runtime.metrics.flush_seconds.observe(trio.current_time() - flush_started)
     runtime.metrics.flush_size.observe(len(stored))

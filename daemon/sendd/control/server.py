@@ -32,9 +32,10 @@ from typing import Any
 import asyncpg
 import trio
 
-from sendd import campaigns, leases
+from sendd import leases
+from sendd.commands import campaigns
 from sendd.config import DEFAULTS_SOURCE, AccountConfig, Config, ConfigError, load_config
-from sendd.db import CONNECTION_ERRORS
+from sendd.db.connection import CONNECTION_ERRORS
 from sendd.errors import UserError
 from sendd.listeners import connection_limit, serve_bounded
 from sendd.runtime import Runtime

@@ -29,11 +29,13 @@ from typing import Any, TextIO, TypeVar
 import asyncpg
 
 import sendd
-from sendd import interrupts, migrate, tenants
-from sendd.enqueue import EnqueueRequest, enqueue
+from sendd.commands import tenants
+from sendd.commands.enqueue import EnqueueRequest, enqueue
+from sendd.core.segments import count_segments
+from sendd.db import migrate
+from sendd.dev import interrupts
+from sendd.dev.pgserver import PrivatePostgres, ServerError, free_port
 from sendd.errors import UserError
-from sendd.pgserver import PrivatePostgres, ServerError, free_port
-from sendd.segments import count_segments
 
 TENANT = "demo"
 ACCOUNT = "demo"
@@ -165,7 +167,7 @@ def _spawn(stack: ExitStack, argv: list[str], log: Path, stdout: Any,
 
 def _start_provider(stack: ExitStack, started: Started) -> None:
     log = started.workdir / "fakeprovider.log"
-    argv = [sys.executable, "-m", "sendd.fakeprovider", "--port", "0",
+    argv = [sys.executable, "-m", "sendd.dev.fakeprovider", "--port", "0",
             "--latency-ms", str(PROVIDER_LATENCY_MS)]
     started.provider = _spawn(stack, argv, log, subprocess.PIPE, PROVIDER_STOP_TIMEOUT)
     assert started.provider.stdout is not None
@@ -210,14 +212,14 @@ def _stop_process(proc: subprocess.Popen[Any], timeout: float) -> None:
 
 
 def _stop_everything(stack: ExitStack) -> None:
-    """Unwind the stack: daemon, provider, PostgreSQL, temp dir (sendd.interrupts)."""
+    """Unwind the stack: daemon, provider, PostgreSQL, temp dir (sendd.dev.interrupts)."""
     interrupts.unwind(stack, "sendd demo")
 
 
 # --- configuration and database -----------------------------------------------------------
 
 def _run_async(work: Coroutine[Any, Any, T]) -> T:
-    # A plain asyncio loop: once trio_asyncio is imported (sendd.db does), asyncio.run would
+    # A plain asyncio loop: once trio_asyncio is imported (sendd.db.connection does), asyncio.run would
     # build a trio-hosted loop, which a Ctrl-C can leave half closed.
     with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
         return runner.run(work)

@@ -24,7 +24,7 @@ CREATE TABLE IF NOT EXISTS sendd.schema_migration (
 def available_migrations() -> list[tuple[int, str, str]]:
     """(version, name, sql) for every migration file shipped with the package."""
     found = []
-    for entry in resources.files("sendd.migrations").iterdir():
+    for entry in resources.files("sendd.db.migrations").iterdir():
         if entry.name.endswith(".sql"):
             version, _, name = entry.name.removesuffix(".sql").partition("_")
             found.append((int(version), name, entry.read_text(encoding="utf-8")))

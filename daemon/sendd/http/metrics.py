@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from sendd.breaker import State
-from sendd.db import RETRYABLE_ERRORS
+from sendd.core.breaker import State
+from sendd.db.connection import RETRYABLE_ERRORS
 
 if TYPE_CHECKING:
     from sendd.runtime import Runtime

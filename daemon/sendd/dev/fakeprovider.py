@@ -20,7 +20,7 @@ The random error rates apply to send requests only; lookups fail only with `look
 `message_id_prefix` is put before every messageId the fake gives out (answers and lookups), to
 play a provider whose ids a database cannot store as they are (e.g. `"bad\u0000id-"`).
 
-Run it: `python -m sendd.fakeprovider --port 0 [...]`; it prints `{"port": N}` once listening.
+Run it: `python -m sendd.dev.fakeprovider --port 0 [...]`; it prints `{"port": N}` once listening.
 """
 
 from __future__ import annotations
@@ -616,7 +616,7 @@ async def _read_body(stream: trio.SocketStream, conn: h11.Connection) -> bytes:
 
 def parse_args(argv: list[str] | None = None) -> tuple[FakeSettings, str, int]:
     """The CLI: one flag per FakeSettings field (`--latency-ms`, `--api-key K` repeatable)."""
-    parser = argparse.ArgumentParser(prog="python -m sendd.fakeprovider", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m sendd.dev.fakeprovider", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
@@ -654,7 +654,7 @@ async def _run(settings: FakeSettings, host: str, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m sendd.fakeprovider`; exits 0 on SIGTERM/SIGINT."""
+    """Entry point of `python -m sendd.dev.fakeprovider`; exits 0 on SIGTERM/SIGINT."""
     settings, host, port = parse_args(argv)
     try:
         apply_settings(settings, dataclasses.asdict(settings))

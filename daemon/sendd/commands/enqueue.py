@@ -19,8 +19,8 @@ from typing import Any, TextIO
 
 import phonenumbers
 
+from sendd.core.segments import count_segments
 from sendd.errors import UserError
-from sendd.segments import count_segments
 
 CHUNK_ROWS = 10_000
 REJECTED_SAMPLE_SIZE = 5

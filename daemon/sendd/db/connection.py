@@ -15,8 +15,8 @@ import trio
 import trio_asyncio
 import triopg
 
-from sendd.backoff import retry_delay
 from sendd.config import mask_url
+from sendd.core.backoff import retry_delay
 from sendd.errors import UserError
 
 T = TypeVar("T")

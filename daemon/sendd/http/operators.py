@@ -29,9 +29,9 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import repr_socket_addr
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from sendd.db import RETRYABLE_ERRORS
+from sendd.db.connection import RETRYABLE_ERRORS
+from sendd.http.metrics import refresh_database_gauges
 from sendd.listeners import connection_limit, serve_bounded
-from sendd.metrics import refresh_database_gauges
 from sendd.runtime import Runtime
 
 MAX_BODY = 1024 * 1024

@@ -1,4 +1,4 @@
-"""`sendd ctl`: the client of the control socket (sendd.control), on plain blocking sockets.
+"""`sendd ctl`: the client of the control socket (sendd.control.server), on plain blocking sockets.
 
 Replies are printed as the daemon sent them (one JSON object), except `status` without --json
 and `watch`, which are for people. An error reply is one line on stderr and a non-zero exit.
