@@ -90,7 +90,7 @@ async def _race(url: str, claimers: int, chunk: int) -> tuple[list[list[int]], i
 
 
 def _run(work: Any) -> Any:
-    # The default loop: with trio_asyncio imported (sendd.db.connection), a trio-hosted one, which the
+    # The default loop: with trio_asyncio imported (sendd.db), a trio-hosted one, which the
     # Runtime needs (it reads trio's clock).
     loop = asyncio.new_event_loop()
     try:

@@ -243,7 +243,7 @@ def test_every_number_enqueue_accepts_is_well_formed_for_the_database(database_u
     assert normalize_number("+989601") is None  # valid for phonenumbers, but 6 digits
 
 
-# --- one segment rule: the SQL function agrees with sendd.core.segments ----------------------------
+# --- one segment rule: the SQL function agrees with sendd.core.segments ---
 
 EXTRA = ["é", "ü", "ç", "Ж", "中", "\x1b", "\t", "`", "\uffff", "😀", "𝄞", "\U00010000",
          "\U0010ffff"]

@@ -107,7 +107,7 @@ async def _express_claim(url: str, timeout: float) -> tuple[list[Any], dict[int,
 
 
 def _run_asyncio(work: Any) -> Any:
-    loop = asyncio.new_event_loop()  # trio-hosted (sendd.db.connection imports trio_asyncio): Runtime
+    loop = asyncio.new_event_loop()  # trio-hosted (sendd.db imports trio_asyncio): Runtime
     try:                             # reads trio's clock
         return loop.run_until_complete(work)
     finally:

@@ -83,7 +83,7 @@ class Runtime:
     restarts: Counter[str] = field(default_factory=Counter)
     # The pipeline's memory channels by name (either end: `statistics()` reads the shared state).
     channels: dict[str, Any] = field(default_factory=dict)
-    # --- read by the HTTP server (sendd.http.operators, sendd.http.metrics) -----------------------------
+    # --- read by the HTTP server (sendd.http) ---
     # Messages by (outcome, account, tenant), counted by the writer as it stores them.
     outcomes_by: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     # Trio time each actor last crashed (the supervisor's record), for /healthz.

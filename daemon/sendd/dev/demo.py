@@ -219,7 +219,7 @@ def _stop_everything(stack: ExitStack) -> None:
 # --- configuration and database -----------------------------------------------------------
 
 def _run_async(work: Coroutine[Any, Any, T]) -> T:
-    # A plain asyncio loop: once trio_asyncio is imported (sendd.db.connection does), asyncio.run would
+    # A plain asyncio loop: once trio_asyncio is imported (sendd.db does), asyncio.run would
     # build a trio-hosted loop, which a Ctrl-C can leave half closed.
     with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
         return runner.run(work)
