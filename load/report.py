@@ -105,7 +105,7 @@ def moving_average(values: Sequence[float], half_width: int) -> list[float]:
 
 
 def parse_channels(metrics_text: str) -> dict[str, list[float]]:
-    """{channel: [used, capacity]} from a daemon's /metrics (sendd.http.metrics.StateCollector)."""
+    """{channel: [used, capacity]} from a daemon's /metrics (sendd.metrics.StateCollector)."""
     channels: dict[str, list[float]] = {}
     try:
         for family in text_string_to_metric_families(metrics_text):

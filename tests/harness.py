@@ -9,19 +9,22 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 
-from sendd.dev.pgserver import free_port
+from sendd.dev.pgserver import PrivatePostgres, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SENDD = [sys.executable, "-m", "sendd"]
@@ -52,6 +55,21 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def stays(predicate: Callable[[], Any], seconds: float, what: str, interval: float = 0.1) -> None:
+    """Check predicate() for `seconds`, every `interval`: fail as soon as it stops holding.
+
+    For what must *not* happen (nothing more sent after a pause), where a bare sleep and one
+    check at the end would say less and fail later."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if not predicate():
+            raise AssertionError(f"{what} stopped holding after "
+                                 f"{seconds - (deadline - time.monotonic()):.1f}s")
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
 
 
 # --- the message state machine, written out independently of the schema's SQL -----------------
@@ -101,6 +119,16 @@ def received(sock: socket.socket) -> list[str]:
 
 # --- database -------------------------------------------------------------------------------
 
+@contextmanager
+def fresh_database(pg_server: PrivatePostgres, label: str) -> Iterator[str]:
+    """A new, empty database on a private server (no schema), dropped afterwards; `label` (a
+    test's name) goes into the database's name, which helps when reading server logs."""
+    stem = re.sub(r"[^a-z0-9_]+", "_", label.lower())[:40]
+    name = f"t_{stem}_{uuid.uuid4().hex[:8]}"
+    yield pg_server.create_database(name)
+    pg_server.drop_database(name)
+
+
 def query(url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
     async def run() -> list[asyncpg.Record]:
         conn = await asyncpg.connect(url)
@@ -121,6 +149,24 @@ def status_counts(url: str, campaign_id: int | None = None) -> dict[str, int]:
     rows = query(url, "SELECT status, count(*) FROM sendd.message "
                       "WHERE $1::bigint IS NULL OR campaign_id = $1 GROUP BY status", campaign_id)
     return {r["status"]: r["count"] for r in rows}
+
+
+def campaign(url: str, campaign_id: int) -> dict[str, Any]:
+    """The campaign's row."""
+    return dict(query(url, "SELECT * FROM sendd.campaign WHERE id = $1", campaign_id)[0])
+
+
+def wait_campaign(url: str, campaign_id: int, status: str, timeout: float,
+                  interval: float = 0.2) -> dict[str, Any]:
+    """Wait until the campaign has `status`; its row then."""
+    return wait_until(lambda: (row := campaign(url, campaign_id))["status"] == status and row,
+                      timeout, f"campaign {campaign_id} to be {status}", interval=interval)
+
+
+def send_debits(url: str, tenant: str) -> int:
+    """What the tenant was billed for sending: -(its ledger deltas with reason 'send')."""
+    return -scalar(url, "SELECT coalesce(sum(delta), 0) FROM sendd.credit_ledger "
+                        "WHERE tenant_id = $1 AND reason = 'send'", tenant)
 
 
 # --- fake provider --------------------------------------------------------------------------
@@ -179,6 +225,7 @@ def _toml_value(value: Any) -> str:
 
 
 _HTTP_PORTS: dict[Path, int] = {}
+_HTTP_LISTEN: dict[Path, str] = {}  # config file -> the http_listen it was last written with
 
 
 def _http_port(config_path: Path) -> int:
@@ -201,6 +248,7 @@ def write_config(path: Path, database_url: str, provider_url: str, *,
         "pipeline": {**TEST_PIPELINE, **(pipeline or {})},
         "retry": {**TEST_RETRY, **(retry or {})},
     }
+    _HTTP_LISTEN[path] = sections["daemon"]["http_listen"]
     accounts = accounts or {"main": {}}
     for name, overrides in accounts.items():
         sections[f"accounts.{name}"] = {"kind": "mitto", "base_url": provider_url,
@@ -212,6 +260,11 @@ def write_config(path: Path, database_url: str, provider_url: str, *,
         lines.append("")
     path.write_text("\n".join(lines))
     return path
+
+
+def http_url(config: Path, path: str = "") -> str:
+    """The daemon's HTTP endpoint (`/healthz`, `/metrics`) as `write_config` set it up."""
+    return f"http://{_HTTP_LISTEN[config]}{path}"
 
 
 def sendd(config: Path, *args: str, stdin: str | None = None,

@@ -9,32 +9,24 @@ with the reason. Real processes throughout: PostgreSQL, the fake provider, `send
 
 from __future__ import annotations
 
-import time
-from typing import Any
-
 from harness import (
     Daemon,
+    campaign,
     enqueue,
     numbers,
     query,
     scalar,
+    send_debits,
     setup_database,
     status_counts,
+    stays,
+    wait_campaign,
     wait_until,
     write_config,
 )
 
 MESSAGES = 200
 CREDITS = 10_000
-
-
-def campaign(url: str, campaign_id: int) -> dict[str, Any]:
-    return dict(query(url, "SELECT * FROM sendd.campaign WHERE id = $1", campaign_id)[0])
-
-
-def send_debits(url: str, tenant: str) -> int:
-    return -scalar(url, "SELECT coalesce(sum(delta), 0) FROM sendd.credit_ledger "
-                        "WHERE tenant_id = $1 AND reason = 'send'", tenant)
 
 
 def open_marks(url: str) -> int:
@@ -51,7 +43,8 @@ def test_ambiguous_batches_are_settled_by_lookup_never_resent(tmp_path, database
     with Daemon(config, tmp_path / "daemon.log").wait_ready() as daemon:
         # Every request times out client-side while the fake has already accepted it.
         wait_until(lambda: daemon.events("batch_not_sent"), 15, "an ambiguous batch")
-        time.sleep(3)
+        # Settled by lookup while sends still hang: the lookups alone say they went out.
+        wait_until(lambda: daemon.events("batch_settled"), 15, "a batch settled by lookup")
         fake_provider.control(hang_rate=0.0)
         wait_until(lambda: status_counts(database_url, campaign_id).get("sent") == MESSAGES
                    and open_marks(database_url) == 0, 60, "every message settled as sent")
@@ -99,8 +92,7 @@ def test_unsettled_batches_end_unknown_and_are_not_billed(tmp_path, database_url
     hung = enqueue(config, tmp_path, "acme", numbers(MESSAGES))["campaign_id"]
     with Daemon(config, tmp_path / "daemon.log").wait_ready() as daemon:
         # Lookups fail for the whole settlement window: nothing can be settled.
-        row = wait_until(lambda: (r := campaign(database_url, hung))["status"] == "completed"
-                         and r, 60, "the hung campaign to complete")
+        row = wait_campaign(database_url, hung, "completed", 60)
         wait_until(lambda: open_marks(database_url) == 0, 10, "every mark closed")
         settled = daemon.events("batch_settled")
 
@@ -108,10 +100,10 @@ def test_unsettled_batches_end_unknown_and_are_not_billed(tmp_path, database_url
         # and are still never resent.
         fake_provider.control(hang_rate=0.0)
         healthy = enqueue(config, tmp_path, "acme", numbers(100, start=MESSAGES))["campaign_id"]
-        wait_campaign_done = wait_until(
-            lambda: (r := campaign(database_url, healthy))["status"] == "completed" and r,
-            60, "the healthy campaign to complete")
-        time.sleep(1)  # a resend of an unknown message, if any, would show up by now
+        wait_campaign_done = wait_campaign(database_url, healthy, "completed", 60)
+        # A resend of an unknown message, if any, would show up by now.
+        stays(lambda: (stats := fake_provider.stats())["messages"] == MESSAGES + 100
+              and stats["duplicate_references"] == 0, 1, "no unknown message resent")
         assert daemon.process.poll() is None
 
     assert status_counts(database_url, hung) == {"unknown": MESSAGES}

@@ -8,8 +8,6 @@ daemon's live lease, and after a restart the settler's lookup brought the same i
 
 from __future__ import annotations
 
-import time
-import tomllib
 from pathlib import Path
 
 import httpx
@@ -17,11 +15,13 @@ import httpx
 from harness import (
     Daemon,
     enqueue,
+    http_url,
     numbers,
     query,
     scalar,
     setup_database,
     status_counts,
+    stays,
     wait_until,
     write_config,
 )
@@ -144,20 +144,20 @@ def test_messages_stuck_in_sending_keep_the_daemon_unhealthy(tmp_path: Path, dat
     enqueue(config, tmp_path, "acme", numbers(3))
     with Daemon(config, tmp_path / "daemon.log").wait_ready() as daemon:
         wait_until(lambda: status_counts(database_url) == {"sent": 3}, 20, "sent")
-        listen = tomllib.loads(config.read_text())["daemon"]["http_listen"]
-        health = f"http://{listen}/healthz"
+        health = http_url(config, "/healthz")
         assert httpx.get(health).status_code == 200
         # A mark of this daemon that no actor will ever close (as a lost result would leave).
         query(database_url, "INSERT INTO sendd.submission (instance_id, account, message_ids) "
                             "SELECT id, 'main', '{}' FROM sendd.instance")
-        time.sleep(1.0)
-        assert httpx.get(health).status_code == 200  # young: a request may be on the wire
+        # Young, for a second: a request may be on the wire under it.
+        stays(lambda: httpx.get(health).status_code == 200, 1.0, "/healthz 200 for a young mark")
         # Stuck after 2 x the 0.5 s timeout + 1 s of settlement + the 4 s lease.
         answer = wait_until(lambda: (r := httpx.get(health)).status_code == 503 and r, 20,
                             "/healthz to report the stuck mark")
         assert "reaper: 1 submission mark(s)" in answer.text, answer.text
-        metrics = httpx.get(f"http://{listen}/metrics").text
+        metrics = httpx.get(http_url(config, "/metrics")).text
         assert "sendd_stale_marks 1.0" in metrics
-        time.sleep(13)  # it stays reported while it is stuck (problems fade after 12 s)
-        assert httpx.get(health).status_code == 503
+        # It stays reported while it is stuck (problems fade after 12 s).
+        stays(lambda: httpx.get(health).status_code == 503, 13, "/healthz 503 for a stuck mark",
+              interval=0.5)
         assert len(daemon.events("marks_stale")) == 1

@@ -9,30 +9,26 @@ share is made tiny so that a few hundred messages cross from the shared to the e
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
 import pytest
 
+from parts import account, claim_config, make_parts
 from sendd import leases
 from sendd.actors import express, poller
 from sendd.commands import tenants
 from sendd.core.ratelimit import Governor
 from sendd.db import migrate
-from sendd.runtime import Runtime
 
 MESSAGES = 600  # campaign messages; as many transactional ones again, same segments
 
 
-def _runtime(instance_id: str, chunk: int) -> Any:
-    account = SimpleNamespace(max_batch=10, single=False, timeout=1.0)
-    config = SimpleNamespace(pipeline=SimpleNamespace(claim_chunk=chunk),
-                             accounts={"main": account})
+def _claimer(instance_id: str, chunk: int) -> Any:
     governor = Governor(clock=lambda: 0.0)
     governor.set_account("main", 0, 0)
-    return Runtime(config=config, instance_id=instance_id, pool=None, governor=governor,
-                   providers={})
+    return make_parts(claim_config([account("main", max_batch=10)], chunk=chunk),
+                      instance_id=instance_id, governor=governor).claimer()
 
 
 async def _prepare(url: str, credits: int) -> None:
@@ -61,13 +57,13 @@ async def _claim_until_dry(url: str, instance_id: str, chunk: int,
     conn = await asyncpg.connect(url)
     try:
         await leases.register(conn, instance_id, 600)
-        runtime, claimed, empty = _runtime(instance_id, chunk), [], 0
+        claimer, claimed, empty = _claimer(instance_id, chunk), [], 0
         while empty < 3:  # a claim can come back empty while others hold the slots
             if lane == "express":
-                messages = [m for b in await express.claim_express(conn, runtime)
+                messages = [m for b in await express.claim_express(conn, claimer)
                             for m in b.messages]
             else:
-                messages = (await poller.claim_due(conn, runtime)).messages
+                messages = (await poller.claim_due(conn, claimer)).messages
             claimed.append(sum(m.segments for m in messages))
             empty = empty + 1 if not messages else 0
         return claimed
@@ -91,7 +87,7 @@ async def _race(url: str, claimers: int, chunk: int) -> tuple[list[list[int]], i
 
 def _run(work: Any) -> Any:
     # The default loop: with trio_asyncio imported (sendd.db), a trio-hosted one, which the
-    # Runtime needs (it reads trio's clock).
+    # claims need (they read trio's clock).
     loop = asyncio.new_event_loop()
     try:
         return loop.run_until_complete(work)
@@ -117,10 +113,3 @@ def test_concurrent_claimers_never_spend_more_than_the_budget(database_url: str,
         claims = [size for sizes in results for size in sizes if size]
         assert len(claims) > 6 and sum(1 for sizes in results if any(sizes)) >= 2
         assert any(results[-1]), "the express lane got nothing"
-
-
-def test_spendable_budget_is_one_share_only_while_every_slot_has_one() -> None:
-    share, slots = poller.CLAIM_SHARE, poller.CLAIM_SLOTS
-    assert poller.spendable_budget(slots * share, share, exclusive=False) == share
-    assert poller.spendable_budget(slots * share - 1, share, exclusive=False) == 0
-    assert poller.spendable_budget(17, share, exclusive=True) == 17

@@ -31,19 +31,15 @@ from harness import (
     sendd_json,
     setup_database,
     status_counts,
+    stays,
     wait_until,
     write_config,
 )
 from sendd.config import load_config
 from sendd.control.client import format_progress, format_status
-from sendd.control.server import (
-    MAX_LINE,
-    BadRequest,
-    Request,
-    campaign_progress,
-    parse_request,
-    plan_reload,
-)
+from sendd.control.commands import campaign_progress
+from sendd.control.protocol import MAX_LINE, BadRequest, Request, parse_request
+from sendd.control.reload import plan_reload
 
 # --- the parser (pure) -----------------------------------------------------------------------
 
@@ -283,8 +279,8 @@ def test_pause_holds_sending_until_resume(scope, tmp_path, database_url, fake_pr
         wait_until(lambda: status_counts(database_url).get("sending", 0) == 0, 20,
                    "claimed messages to finish")
         before = fake_provider.stats()["accepted"], status_counts(database_url)
-        time.sleep(1.5)
-        assert (fake_provider.stats()["accepted"], status_counts(database_url)) == before
+        stays(lambda: (fake_provider.stats()["accepted"], status_counts(database_url)) == before,
+              1.5, "nothing moving while paused")
         assert before[1].get("queued", 0) > 0
         with Client(sock) as client:
             paused = client.call(cmd="status")["paused"]
@@ -417,7 +413,9 @@ def test_watch_streams_progress_until_the_client_hangs_up(tmp_path, database_url
         assert first["ok"] and first["campaigns"][0]["msgs_per_s"] is None
         progress = second["campaigns"][0]
         assert progress["id"] == campaign and progress["total"] == 3000
-        assert 100 <= progress["msgs_per_s"] <= 400 and progress["eta_s"] > 0
+        # A rate over one interval: moving, and within the limit (how fast depends on the
+        # machine's load; 39 to 300 msgs/s were seen on a busy 2-core VM).
+        assert 0 < progress["msgs_per_s"] <= 400 and progress["eta_s"] > 0
         assert progress["processed"] >= first["campaigns"][0]["processed"]
 
         # The CLI's view: plain lines when stdout is not a terminal; Ctrl-C ends it with 0.

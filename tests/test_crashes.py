@@ -3,7 +3,6 @@ the process non-zero so systemd starts a fresh one."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from harness import (
@@ -22,6 +21,10 @@ KILL_CONNECTIONS = """
 SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
 WHERE datname = current_database() AND pid <> pg_backend_pid()
 """
+CONNECTIONS = """
+SELECT count(*) FROM pg_stat_activity
+WHERE datname = current_database() AND pid <> pg_backend_pid()
+"""
 
 
 def test_dropped_connections_are_survived_and_the_campaign_completes(
@@ -34,7 +37,8 @@ def test_dropped_connections_are_survived_and_the_campaign_completes(
         wait_until(lambda: status_counts(database_url).get("sent", 0) > 500, 30, "sending")
         for _ in range(3):
             assert scalar(database_url, KILL_CONNECTIONS) > 0
-            time.sleep(0.7)
+            wait_until(lambda: scalar(database_url, CONNECTIONS) > 0, 20,
+                       "the daemon to connect again")
         wait_until(lambda: status_counts(database_url) == {"sent": 10_000}, 90,
                    "the campaign to complete")
         assert daemon.process.poll() is None

@@ -15,12 +15,16 @@ from typing import Any
 from harness import (
     Daemon,
     FakeProvider,
+    campaign,
     enqueue,
     numbers,
     query,
     scalar,
+    send_debits,
     setup_database,
     status_counts,
+    stays,
+    wait_campaign,
     wait_until,
     write_config,
 )
@@ -29,16 +33,6 @@ from harness import (
 # per message by the fake when it is configured with `--reject-prefix REJECT_PREFIX`.
 REJECT_PREFIX = "+306990"
 REJECT_START = 90_000_000  # numbers(n, start=REJECT_START) all start with REJECT_PREFIX
-
-
-def campaign(url: str, campaign_id: int) -> dict[str, Any]:
-    return dict(query(url, "SELECT * FROM sendd.campaign WHERE id = $1", campaign_id)[0])
-
-
-def send_debits(url: str, tenant: str) -> int:
-    """-(sum of the tenant's ledger deltas with reason 'send')."""
-    return -scalar(url, "SELECT coalesce(sum(delta), 0) FROM sendd.credit_ledger "
-                        "WHERE tenant_id = $1 AND reason = 'send'", tenant)
 
 
 def accepted_segments(url: str, tenant: str) -> int:
@@ -66,11 +60,6 @@ def assert_counters_match_rows(url: str, campaign_id: int) -> dict[str, Any]:
     assert row["unknown"] == counts.get("unknown", 0)
     assert row["cancelled"] == counts.get("cancelled", 0)
     return row
-
-
-def wait_campaign(url: str, campaign_id: int, status: str, timeout: float) -> dict[str, Any]:
-    return wait_until(lambda: (row := campaign(url, campaign_id))["status"] == status and row,
-                      timeout, f"campaign {campaign_id} to be {status}", interval=0.2)
 
 
 def no_open_work(url: str) -> bool:
@@ -223,7 +212,8 @@ def test_credits_run_out_campaign_pauses(tmp_path: Path, database_url: str,
     campaign_id = enqueue(config, tmp_path, "acme", numbers(3_000))["campaign_id"]
     with Daemon(config, tmp_path / "daemon.log").wait_ready() as daemon:
         row = wait_campaign(database_url, campaign_id, "paused", 30)
-        time.sleep(1.5)  # nothing more may go out after the pause
+        stays(lambda: fake_provider.stats()["accepted"] <= 1_000, 1.5,
+              "nothing sent past the credits after the pause")
         paused_events = daemon.events("campaign_paused")
 
     assert "credits" in row["pause_reason"]
@@ -249,10 +239,10 @@ def test_401_suspends_the_account_and_nothing_fails(tmp_path: Path, database_url
             wait_until(lambda: status_counts(database_url) == {"queued": total}, 10,
                        "every message back in the queue")
             requests = provider.stats()["requests"]
-            time.sleep(2)  # several poll intervals: a suspended account is not claimed for
-            assert status_counts(database_url) == {"queued": total}
-            assert provider.stats()["requests"] == requests
-            assert daemon.process.poll() is None
+            # Several poll intervals: a suspended account is not claimed for.
+            stays(lambda: status_counts(database_url) == {"queued": total}
+                  and provider.stats()["requests"] == requests and daemon.process.poll() is None,
+                  2, "the suspended account left alone")
             events = daemon.events("account_suspended")
         stats = provider.stats()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
@@ -21,12 +20,13 @@ from harness import (
     wait_until,
     write_config,
 )
+from parts import account, claim_config, make_parts
 from sendd import leases
 from sendd.actors import express
+from sendd.actors.poller import Claimer
 from sendd.commands import tenants
 from sendd.core.ratelimit import Governor
 from sendd.db import migrate
-from sendd.runtime import Runtime
 
 # A slow provider and few senders keep the campaign pipeline's channels full: 6 chunks of 200
 # claimed messages waiting at 2 x 200 messages per second means ~3 s for anything queued behind.
@@ -66,16 +66,14 @@ def test_transactional_messages_overtake_a_full_campaign_pipeline(tmp_path: Path
 
 # --- The express claim itself (sendd.claim_express): batches and their marks ----------------
 
-def _express_runtime(instance_id: str, timeout: float) -> Any:
-    accounts = {name: SimpleNamespace(max_batch=size, single=False, timeout=timeout)
-                for name, size in (("main", 3), ("alt", 1000))}
-    config = SimpleNamespace(pipeline=SimpleNamespace(claim_chunk=1000), accounts=accounts)
+def _express_claimer(instance_id: str, timeout: float) -> Claimer:
+    config = claim_config([account("main", max_batch=3, timeout=timeout),
+                           account("alt", timeout=timeout)])
     governor = Governor(clock=lambda: 0.0)
-    for name in accounts:
+    for name in config.accounts:
         governor.set_account(name, 0, 0)
     governor.set_tenant("slow", 2)  # a tenant limit of 2 messages/s caps its batches at 2
-    return Runtime(config=config, instance_id=instance_id, pool=None, governor=governor,
-                   providers={})
+    return make_parts(config, instance_id=instance_id, governor=governor).claimer()
 
 
 async def _express_claim(url: str, timeout: float) -> tuple[list[Any], dict[int, list[int]]]:
@@ -98,7 +96,7 @@ async def _express_claim(url: str, timeout: float) -> tuple[list[Any], dict[int,
              for n, (tenant, account) in enumerate([("shop", "main")] * 7 + [("shop", "alt")] * 4
                                                    + [("slow", "alt")] * 5, start=1)])
         await leases.register(conn, "d1", 60)
-        batches = await express.claim_express(conn, _express_runtime("d1", timeout))
+        batches = await express.claim_express(conn, _express_claimer("d1", timeout))
         marks = {r["id"]: sorted(r["message_ids"]) for r in await conn.fetch(
             "SELECT id, message_ids FROM sendd.submission WHERE instance_id = 'd1'")}
         return batches, marks
@@ -107,8 +105,8 @@ async def _express_claim(url: str, timeout: float) -> tuple[list[Any], dict[int,
 
 
 def _run_asyncio(work: Any) -> Any:
-    loop = asyncio.new_event_loop()  # trio-hosted (sendd.db imports trio_asyncio): Runtime
-    try:                             # reads trio's clock
+    loop = asyncio.new_event_loop()  # trio-hosted (sendd.db imports trio_asyncio): claims
+    try:                             # read trio's clock
         return loop.run_until_complete(work)
     finally:
         loop.close()

@@ -18,6 +18,7 @@ from harness import (
     numbers,
     setup_database,
     status_counts,
+    stays,
     wait_until,
     write_config,
 )
@@ -115,8 +116,7 @@ def test_an_unbindable_address_leaves_the_daemon_running(tmp_path: Path, databas
         setup_database(config, {"acme": 100})
         with Daemon(config, tmp_path / "daemon.log").wait_ready() as daemon:
             assert daemon.events("http_unavailable")
-            time.sleep(0.5)
-            assert daemon.process.poll() is None
+            stays(lambda: daemon.process.poll() is None, 0.5, "the daemon running")
 
 
 def _status(url: str, expected: int) -> httpx.Response | None:

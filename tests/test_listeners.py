@@ -14,7 +14,8 @@ import trio
 import trio.testing
 
 from sendd import listeners
-from sendd.control.server import Connection, ControlServer, LineReader, LineTimeout, LineTooLong
+from sendd.control.protocol import LineReader, LineTimeout, LineTooLong
+from sendd.control.server import Connection, ControlServer
 from sendd.http.operators import GuardedStream
 from sendd.logs import Throttle
 
@@ -197,13 +198,9 @@ async def test_line_reader_still_refuses_long_lines() -> None:
         await lines.next_line()
 
 
-class FakeRuntime:
-    log = Events()
-
-
 async def test_make_room_evicts_the_connection_idle_longest(
         autojump_clock: trio.testing.MockClock) -> None:
-    server = ControlServer(FakeRuntime(), limit=3)  # type: ignore[arg-type]
+    server = ControlServer(None, limit=3)  # type: ignore[arg-type]  # eviction only
     oldest, busy, newer = Connection(), Connection(), Connection()
     await trio.sleep(1)
     newer.idle()

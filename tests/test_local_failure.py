@@ -12,8 +12,9 @@ from types import SimpleNamespace
 
 import trio
 
-from sendd.actors.sender import note_availability, outcomes_of
+from sendd.actors.sender import note_availability
 from sendd.core.breaker import Breakers, State
+from sendd.core.outcomes import outcomes_of
 from sendd.model import RELEASE, Message
 from sendd.providers import base
 from sendd.providers.http11 import Client, LocalFailure
@@ -59,15 +60,14 @@ async def test_no_descriptors_is_a_local_failure_not_an_unreachable_provider() -
 
 async def test_a_local_failure_releases_the_messages_and_leaves_the_breaker_closed() -> None:
     message = Message(1, "acme", 7, "main", None, "+306900000001", "hi", 1, 4)
-    runtime = SimpleNamespace(config=SimpleNamespace(retry=SimpleNamespace(
-        max_attempts=5, base_delay=1.0, max_delay=10.0, jitter=0.0)))
+    retry = SimpleNamespace(max_attempts=5, base_delay=1.0, max_delay=10.0, jitter=0.0)
     response = base.SendResponse(base.LOCAL, error="cannot open a connection: EMFILE")
-    [outcome] = outcomes_of(runtime, [message], response, provider_up=False)
+    [outcome] = outcomes_of([message], response, retry, provider_up=False)
     assert (outcome.status, outcome.counts_attempt) == (RELEASE, False)
 
     breakers = Breakers()
-    runtime = SimpleNamespace(breakers=breakers)
+    accounts = SimpleNamespace(breakers=breakers)
     for _ in range(10):
         ticket = breakers.admit("main", 0.0, 10.0)
-        note_availability(runtime, "main", ticket, [response])
+        note_availability(accounts, "main", ticket, [response])
     assert breakers.get("main").state is State.CLOSED

@@ -10,21 +10,20 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from types import SimpleNamespace
 from typing import Any
 
 import trio
 import trio_asyncio
 import triopg
 
+from parts import account, claim_config, make_parts
 from sendd import leases
-from sendd.actors import poller, sender
+from sendd.actors import poller
 from sendd.actors.writer import write_results
 from sendd.commands import tenants
-from sendd.core.ratelimit import Governor
 from sendd.db import migrate
 from sendd.model import RELEASE, Batch
-from sendd.runtime import Runtime
+from sendd.pipeline import Parts
 
 INSTANCE = "d1"
 
@@ -45,17 +44,13 @@ async def _pool(url: str) -> AsyncIterator[Any]:
             yield pool
 
 
-def _runtime(pool: Any) -> Runtime:
-    account = SimpleNamespace(max_batch=1000, single=False, timeout=1.0)
-    config = SimpleNamespace(pipeline=SimpleNamespace(claim_chunk=10),
-                             accounts={"main": account})
-    governor = Governor()
-    governor.set_account("main", 0, 0)
-    return Runtime(config=config, instance_id=INSTANCE, pool=pool, governor=governor,
-                   providers={"main": NoProvider()}, lease_valid_until=trio.current_time() + 60)
+def _parts(pool: Any) -> Parts:
+    return make_parts(claim_config([account("main")], chunk=10), instance_id=INSTANCE,
+                      pool=pool, providers={"main": NoProvider()},
+                      lease_until=trio.current_time() + 60)
 
 
-async def _claim_ten(conn: Any, runtime: Runtime) -> list[Any]:
+async def _claim_ten(conn: Any, parts: Parts) -> list[Any]:
     await migrate.migrate(conn)
     await tenants.set_tenant(conn, "shop", credits=1_000)
     campaign = await conn.fetchval("INSERT INTO sendd.campaign (tenant_id, status, started_at) "
@@ -65,7 +60,7 @@ async def _claim_ten(conn: Any, runtime: Runtime) -> list[Any]:
         " SELECT 'shop', $1, 'main', '+3069' || lpad(i::text, 8, '0'), 'hi'"
         " FROM generate_series(1, 10) i", campaign)
     await leases.register(conn, INSTANCE, 60)
-    messages = (await poller.claim_due(conn, runtime)).messages
+    messages = (await poller.claim_due(conn, parts.claimer())).messages
     assert len(messages) == 10
     return messages
 
@@ -79,12 +74,12 @@ async def _undo_claim(conn: Any, ids: list[int]) -> None:
 async def test_a_batch_whose_claim_was_undone_is_released_not_marked_or_sent(
         database_url: str) -> None:
     async with _pool(database_url) as pool:
-        runtime = _runtime(pool)
+        parts = _parts(pool)
         async with pool.acquire() as conn:
-            messages = await _claim_ten(conn, runtime)
+            messages = await _claim_ten(conn, parts)
             # Two claims in one batch (the batcher merges them): the first one was undone.
             await _undo_claim(conn, [m.id for m in messages[:4]])
-        [result] = await sender.send_batch(runtime, Batch("main", "shop", messages))
+        [result] = await parts.sender().send_batch(Batch("main", "shop", messages))
         assert result.submission_id is None
         assert {o.status for o in result.outcomes} == {RELEASE}
         async with pool.acquire() as conn:
@@ -98,10 +93,11 @@ async def test_a_batch_whose_claim_was_undone_is_released_not_marked_or_sent(
 
 async def test_a_batch_still_held_is_marked(database_url: str) -> None:
     async with _pool(database_url) as pool:
-        runtime = _runtime(pool)
+        parts = _parts(pool)
         async with pool.acquire() as conn:
-            messages = await _claim_ten(conn, runtime)
-        mark, refusal = await sender.mark_submitted(runtime, Batch("main", "shop", messages))
+            messages = await _claim_ten(conn, parts)
+        mark, refusal = await parts.sender().mark_submitted(
+            Batch("main", "shop", messages))
         assert refusal == ""
         async with pool.acquire() as conn:
             ids = await conn.fetchval("SELECT message_ids FROM sendd.submission WHERE id = $1",

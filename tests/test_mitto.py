@@ -9,8 +9,8 @@ from typing import Any
 import orjson
 import trio
 
-from sendd.actors.sender import speaking_for
 from sendd.config import AccountConfig
+from sendd.core.outcomes import speaking_for
 from sendd.model import Message
 from sendd.providers import base
 from sendd.providers.clean import CODE_LIMIT, ID_LIMIT, TEXT_LIMIT

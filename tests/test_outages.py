@@ -13,19 +13,17 @@ from typing import Any
 
 from harness import (
     Daemon,
+    campaign,
     enqueue,
     numbers,
-    query,
     scalar,
     setup_database,
     status_counts,
+    stays,
+    wait_campaign,
     wait_until,
     write_config,
 )
-
-
-def campaign(url: str, campaign_id: int) -> dict[str, Any]:
-    return dict(query(url, "SELECT * FROM sendd.campaign WHERE id = $1", campaign_id)[0])
 
 
 def sent_count(url: str, campaign_id: int) -> int:
@@ -33,8 +31,7 @@ def sent_count(url: str, campaign_id: int) -> int:
 
 
 def wait_completed(url: str, campaign_id: int, timeout: float) -> dict[str, Any]:
-    return wait_until(lambda: (row := campaign(url, campaign_id))["status"] == "completed" and row,
-                      timeout, f"campaign {campaign_id} to complete", interval=0.5)
+    return wait_campaign(url, campaign_id, "completed", timeout, interval=0.5)
 
 
 def assert_exactly_once(url: str, campaign_id: int, messages: int, stats: dict[str, Any],
@@ -97,7 +94,9 @@ def test_provider_outage_is_retried_until_it_ends(tmp_path, database_url, fake_p
     with Daemon(config, tmp_path / "daemon.log").wait_ready() as daemon:
         wait_until(lambda: sent_count(database_url, campaign_id) >= 300, 30, "300 sent")
         fake_provider.control(status_override=503)
-        time.sleep(outage)
+        # Through the whole outage nothing fails: it is held back.
+        stays(lambda: "failed" not in status_counts(database_url, campaign_id), outage,
+              "nothing failed during the outage", interval=0.5)
         sent_during_outage = sent_count(database_url, campaign_id)
         fake_provider.control(status_override=0)
         assert sent_during_outage < messages, "finished before the outage ended"

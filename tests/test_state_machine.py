@@ -13,7 +13,6 @@ import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
@@ -29,17 +28,17 @@ from hypothesis.stateful import (
 )
 
 from harness import ALLOWED, STATUSES
+from parts import account, claim_config, make_parts
 from sendd import leases
 from sendd.actors.express import claim_express
-from sendd.actors.poller import TENANT_BUDGETS, claim_due
-from sendd.actors.sender import MARK_SUBMITTED
+from sendd.actors.poller import Claimer, claim_due
 from sendd.actors.writer import write_results
 from sendd.commands import campaigns, tenants
 from sendd.core.ratelimit import Governor
 from sendd.db import migrate
+from sendd.db.claims import MARK_SUBMITTED, TENANT_BUDGETS
 from sendd.errors import UserError
 from sendd.model import FAILED, RELEASE, RETRY, SENT, UNKNOWN, BatchResult, Message, Outcome
-from sendd.runtime import Runtime
 
 ILLEGAL = sorted((a, b) for a in STATUSES for b in STATUSES if a != b and (a, b) not in ALLOWED)
 ACCEPTED = {"sent", "delivered", "undelivered"}
@@ -64,16 +63,16 @@ class Slot:
     unsubmitted: dict[int, Message] = field(default_factory=dict)  # claimed, not marked
     marks: dict[int, list[Message]] = field(default_factory=dict)  # open submission marks
 
-    def runtime(self, chunk: int, paused: set[str], max_batch: int = 1000,
-                timeout: float = 1.0) -> Any:
-        account = SimpleNamespace(max_batch=max_batch, single=False, timeout=timeout)
-        config = SimpleNamespace(pipeline=SimpleNamespace(claim_chunk=chunk),
-                                 accounts={a: account for a in ACCOUNTS})
+    def claimer(self, chunk: int, paused: set[str], max_batch: int = 1000,
+                timeout: float = 1.0) -> Claimer:
+        config = claim_config([account(a, max_batch=max_batch, timeout=timeout)
+                               for a in ACCOUNTS], chunk=chunk)
         governor = Governor(clock=lambda: 0.0)
         for name in ACCOUNTS:
             governor.set_account(name, 0, 0)
-        return Runtime(config=config, instance_id=self.instance_id, pool=None,
-                       governor=governor, providers={}, paused_tenants=set(paused))
+        claimer = make_parts(config, instance_id=self.instance_id, governor=governor).claimer()
+        claimer.controls.paused_tenants = set(paused)
+        return claimer
 
 
 segment_lists = st.lists(st.integers(1, 3), min_size=2, max_size=8)
@@ -169,7 +168,7 @@ class SendStateMachine(RuleBasedStateMachine):
 
         async def claim() -> None:
             budgets, queued = await self.budgets_and_queued()
-            result = await claim_due(self.conn, slot.runtime(chunk, paused))
+            result = await claim_due(self.conn, slot.claimer(chunk, paused))
             assert all(m.campaign_id is not None for m in result.messages)
             self.check_claimed(result.messages, queued, budgets, paused)
             slot.unsubmitted.update((m.id, m) for m in result.messages)
@@ -187,8 +186,8 @@ class SendStateMachine(RuleBasedStateMachine):
 
         async def claim() -> None:
             budgets, queued = await self.budgets_and_queued()
-            runtime = slot.runtime(chunk, paused, max_batch, timeout)
-            batches = await claim_express(self.conn, runtime)
+            claimer = slot.claimer(chunk, paused, max_batch, timeout)
+            batches = await claim_express(self.conn, claimer)
             messages = [m for b in batches for m in b.messages]
             assert all(m.campaign_id is None for m in messages)
             self.check_claimed(messages, queued, budgets, paused)

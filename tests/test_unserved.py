@@ -8,6 +8,7 @@ import httpx
 from harness import (
     Daemon,
     enqueue,
+    http_url,
     numbers,
     query,
     sendd_json,
@@ -33,8 +34,7 @@ def test_an_account_no_daemon_serves_is_reported_once_per_account(tmp_path, data
         wait_until(lambda: {e["account"] for e in daemon.events("account_unknown")}
                    == {"nosuch", "elsewhere"}, 50, "both accounts reported", interval=0.5)
         status = sendd_json(config, "ctl", "status", "--json")
-        port = int(config.read_text().split("http_listen = ")[1].split(":")[1].split('"')[0])
-        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        metrics = httpx.get(http_url(config, "/metrics")).text
         events = daemon.events("account_unknown")
     assert status["unserved_accounts"] == {"elsewhere": 5, "nosuch": 7}
     assert 'sendd_unserved_messages{account="nosuch"} 7.0' in metrics

@@ -18,16 +18,16 @@ import trio_asyncio
 import triopg
 
 from harness import write_config
+from parts import make_parts
 from sendd import leases
 from sendd.actors import poller
 from sendd.actors.reaper import run_reaper
 from sendd.actors.writer import flush
 from sendd.commands import tenants
 from sendd.config import load_config
-from sendd.core.ratelimit import Governor
 from sendd.db import migrate
 from sendd.model import FAILED, RETRY, SENT, BatchResult, Message, Outcome
-from sendd.runtime import Runtime
+from sendd.pipeline import Parts
 
 INSTANCE = "d1"
 
@@ -47,18 +47,16 @@ WHEN (NEW.id = {id}) EXECUTE FUNCTION sendd_test_refuse();
 
 
 @asynccontextmanager
-async def _runtime(url: str, tmp: Path) -> AsyncIterator[Runtime]:
+async def _parts(url: str, tmp: Path) -> AsyncIterator[Parts]:
     config = load_config(str(write_config(tmp / "sendd.toml", url, "http://127.0.0.1:9")), env={})
     with trio.fail_after(60):
         async with trio_asyncio.open_loop(), triopg.create_pool(url) as pool:
-            governor = Governor()
-            governor.set_account("main", 0, 0)
-            yield Runtime(config=config, instance_id=INSTANCE, pool=pool, governor=governor,
-                          providers={}, lease_valid_until=trio.current_time() + 60)
+            yield make_parts(config, instance_id=INSTANCE, pool=pool,
+                             lease_until=trio.current_time() + 60, now=trio.current_time())
 
 
-async def _claimed(runtime: Runtime, count: int) -> list[Message]:
-    async with runtime.pool.acquire() as conn:
+async def _claimed(parts: Parts, count: int) -> list[Message]:
+    async with parts.pool.acquire() as conn:
         await migrate.migrate(conn)
         await tenants.set_tenant(conn, "shop", credits=1_000)
         campaign = await conn.fetchval("INSERT INTO sendd.campaign (tenant_id, status, "
@@ -69,31 +67,32 @@ async def _claimed(runtime: Runtime, count: int) -> list[Message]:
             " SELECT 'shop', $1, 'main', '+3069' || lpad(i::text, 8, '0'), 'hi'"
             " FROM generate_series(1, $2) i", campaign, count)
         await leases.register(conn, INSTANCE, 60)
-        messages = sorted((await poller.claim_due(conn, runtime)).messages, key=lambda m: m.id)
+        claim = await poller.claim_due(conn, parts.claimer())
+    messages = sorted(claim.messages, key=lambda m: m.id)
     assert len(messages) == count
     return messages
 
 
-async def _mark(runtime: Runtime, messages: list[Message]) -> int:
-    async with runtime.pool.acquire() as conn:
+async def _mark(parts: Parts, messages: list[Message]) -> int:
+    async with parts.pool.acquire() as conn:
         return await conn.fetchval("INSERT INTO sendd.submission (instance_id, account, "
                                    "message_ids) VALUES ($1, 'main', $2) RETURNING id",
                                    INSTANCE, [m.id for m in messages])
 
 
-async def _rows(runtime: Runtime) -> dict[int, Any]:
-    async with runtime.pool.acquire() as conn:
+async def _rows(parts: Parts) -> dict[int, Any]:
+    async with parts.pool.acquire() as conn:
         rows = await conn.fetch("SELECT * FROM sendd.message ORDER BY id")
     return {r["id"]: r for r in rows}
 
 
-async def _fetch(runtime: Runtime, sql: str, *args: Any) -> list[Any]:
-    async with runtime.pool.acquire() as conn:
+async def _fetch(parts: Parts, sql: str, *args: Any) -> list[Any]:
+    async with parts.pool.acquire() as conn:
         return await conn.fetch(sql, *args)
 
 
-def _metric(runtime: Runtime, name: str, **labels: str) -> float | None:
-    return runtime.metrics.registry.get_sample_value(name, labels)
+def _metric(parts: Parts, name: str, **labels: str) -> float | None:
+    return parts.metrics.registry.get_sample_value(name, labels)
 
 
 def _sent(message: Message) -> Outcome:
@@ -102,9 +101,9 @@ def _sent(message: Message) -> Outcome:
 
 async def test_outcomes_the_database_refuses_are_stored_without_their_texts(
         database_url: str, tmp_path: Path) -> None:
-    async with _runtime(database_url, tmp_path) as runtime:
-        messages = await _claimed(runtime, 10)
-        first, second = await _mark(runtime, messages[:5]), await _mark(runtime, messages[5:])
+    async with _parts(database_url, tmp_path) as parts:
+        messages = await _claimed(parts, 10)
+        first, second = await _mark(parts, messages[:5]), await _mark(parts, messages[5:])
         outcomes = [_sent(m) for m in messages]
         # PostgreSQL text cannot hold NUL (refused by the server) nor a lone surrogate (refused
         # by the client before it is sent).
@@ -114,11 +113,11 @@ async def test_outcomes_the_database_refuses_are_stored_without_their_texts(
         outcomes[8] = Outcome(messages[8], RETRY, error_code="HTTP_503", error_text="x\ud800",
                               retry_in=1.0)
         with structlog.testing.capture_logs() as logs:
-            await flush(runtime, [BatchResult(first, outcomes[:5]),
+            await flush(parts.store(), [BatchResult(first, outcomes[:5]),
                                   BatchResult(second, outcomes[5:])])
-        rows = await _rows(runtime)
-        marks = await _fetch(runtime, "SELECT id FROM sendd.submission")
-        debits = await _fetch(runtime, "SELECT sum(delta) AS d FROM sendd.credit_ledger "
+        rows = await _rows(parts)
+        marks = await _fetch(parts, "SELECT id FROM sendd.submission")
+        debits = await _fetch(parts, "SELECT sum(delta) AS d FROM sendd.credit_ledger "
                                        "WHERE reason = 'send'")
 
     ids = [m.id for m in messages]
@@ -136,28 +135,28 @@ async def test_outcomes_the_database_refuses_are_stored_without_their_texts(
     assert debits[0]["d"] == -8  # billed exactly the accepted ones, the id-less one included
     stripped = [e for e in logs if e["event"] == "outcomes_stored_stripped"]
     assert len(stripped) == 1 and stripped[0]["messages"] == [ids[2], ids[6], ids[8]], logs
-    assert _metric(runtime, "sendd_unstorable_outcomes_total", handling="stripped") == 3
+    assert _metric(parts, "sendd_unstorable_outcomes_total", handling="stripped") == 3
 
 
 async def test_an_outcome_that_cannot_be_stored_at_all_goes_to_settlement_once(
         database_url: str, tmp_path: Path) -> None:
-    async with _runtime(database_url, tmp_path) as runtime:
-        messages = await _claimed(runtime, 10)
+    async with _parts(database_url, tmp_path) as parts:
+        messages = await _claimed(parts, 10)
         stuck = messages[3]
-        async with runtime.pool.acquire() as conn:
+        async with parts.pool.acquire() as conn:
             await conn.execute(REFUSE_SENT.format(id=stuck.id))
-        first, second = await _mark(runtime, messages[:5]), await _mark(runtime, messages[5:])
+        first, second = await _mark(parts, messages[:5]), await _mark(parts, messages[5:])
         outcomes = [_sent(m) for m in messages]
         with structlog.testing.capture_logs() as logs:
-            await flush(runtime, [BatchResult(first, outcomes[:5]),
+            await flush(parts.store(), [BatchResult(first, outcomes[:5]),
                                   BatchResult(second, outcomes[5:])])
-        rows = await _rows(runtime)
-        marks = await _fetch(runtime, "SELECT id, message_ids, adopted_at FROM sendd.submission")
-        problems = runtime.current_problems()
+        rows = await _rows(parts)
+        marks = await _fetch(parts, "SELECT id, message_ids, adopted_at FROM sendd.submission")
+        problems = parts.health.current_problems()
         # The reaper hands the mark to the settler, as it does a dead daemon's.
         send, receive = trio.open_memory_channel(1)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run_reaper, runtime, send)
+            nursery.start_soon(run_reaper, parts.pool, parts.reaper(), send)
             with trio.fail_after(10):
                 handed = await receive.receive()
             nursery.cancel_scope.cancel()
@@ -173,22 +172,22 @@ async def test_an_outcome_that_cannot_be_stored_at_all_goes_to_settlement_once(
     not_stored = [e for e in logs if e["event"] == "outcomes_not_stored"]
     assert len(not_stored) == 1 and not_stored[0]["messages"] == [stuck.id], logs
     assert (handed.submission_id, [m.id for m in handed.messages]) == (first, [stuck.id])
-    assert _metric(runtime, "sendd_unstorable_outcomes_total", handling="settlement") == 1
+    assert _metric(parts, "sendd_unstorable_outcomes_total", handling="settlement") == 1
 
 
 async def test_the_settler_s_outcome_for_a_handed_over_mark_is_stored(
         database_url: str, tmp_path: Path) -> None:
-    async with _runtime(database_url, tmp_path) as runtime:
-        messages = await _claimed(runtime, 4)
+    async with _parts(database_url, tmp_path) as parts:
+        messages = await _claimed(parts, 4)
         stuck = messages[1]
-        async with runtime.pool.acquire() as conn:
+        async with parts.pool.acquire() as conn:
             await conn.execute(REFUSE_SENT.format(id=stuck.id))
-        mark = await _mark(runtime, messages)
-        await flush(runtime, [BatchResult(mark, [_sent(m) for m in messages])])
+        mark = await _mark(parts, messages)
+        await flush(parts.store(), [BatchResult(mark, [_sent(m) for m in messages])])
         # What the settler brings: found by its reference, with the lookup's id.
-        await flush(runtime, [BatchResult(mark, [Outcome(stuck, SENT, None, "looked-up")])])
-        rows = await _rows(runtime)
-        marks = await _fetch(runtime, "SELECT id FROM sendd.submission")
+        await flush(parts.store(), [BatchResult(mark, [Outcome(stuck, SENT, None, "looked-up")])])
+        rows = await _rows(parts)
+        marks = await _fetch(parts, "SELECT id FROM sendd.submission")
 
     assert [rows[m.id]["status"] for m in messages] == ["sent"] * 4
     assert rows[stuck.id]["provider_message_id"] == "looked-up"
@@ -197,24 +196,24 @@ async def test_the_settler_s_outcome_for_a_handed_over_mark_is_stored(
 
 async def test_own_marks_held_far_longer_than_a_request_are_reported(
         database_url: str, tmp_path: Path) -> None:
-    async with _runtime(database_url, tmp_path) as runtime:
-        messages = await _claimed(runtime, 3)
-        old = await _mark(runtime, messages[:2])
-        young = await _mark(runtime, messages[2:])
-        async with runtime.pool.acquire() as conn:
+    async with _parts(database_url, tmp_path) as parts:
+        messages = await _claimed(parts, 3)
+        old = await _mark(parts, messages[:2])
+        young = await _mark(parts, messages[2:])
+        async with parts.pool.acquire() as conn:
             await conn.execute("UPDATE sendd.submission SET created_at = now() - interval "
                                "'1 hour' WHERE id = $1", old)
         send, _receive = trio.open_memory_channel(1)
+        reaper = parts.reaper()
         with structlog.testing.capture_logs() as logs:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(run_reaper, runtime, send)
-                await trio.sleep(2.5)  # two passes
-                nursery.cancel_scope.cancel()
-        problems = runtime.current_problems()
+            async with parts.pool.acquire() as conn:
+                for _ in range(2):
+                    await reaper.run_once(conn, send)
+        problems = parts.health.current_problems()
 
     assert young != old
     assert "reaper" in problems, problems
     assert "1 submission mark" in problems["reaper"] and "2 messages" in problems["reaper"]
     stale = [e for e in logs if e["event"] == "marks_stale"]
     assert len(stale) == 1 and stale[0]["marks"] == [old], logs  # logged once, not per pass
-    assert _metric(runtime, "sendd_stale_marks") == 1
+    assert _metric(parts, "sendd_stale_marks") == 1

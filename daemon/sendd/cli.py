@@ -15,7 +15,7 @@ from sendd.commands import campaigns, tenants
 from sendd.config import Config, ConfigError, load_config, masked
 from sendd.db import connection as db
 from sendd.db import migrate
-from sendd.errors import UserError
+from sendd.errors import UserError, describe
 from sendd.options import BIGINT_MAX, MAX_RATE, integer_between, short_name, text
 
 EXIT_USER_ERROR = 2
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         _print_error(str(error))
         return EXIT_USER_ERROR
     except asyncpg.PostgresError as error:
-        _print_error(f"database error: {str(error) or type(error).__name__}")
+        _print_error(f"database error: {describe(error)}")
         return 1
     except KeyboardInterrupt:
         print("sendd: interrupted", file=sys.stderr)

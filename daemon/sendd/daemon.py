@@ -1,10 +1,7 @@
-"""`sendd run`: wires the actors together and runs them until drained.
+"""`sendd run`: builds the daemon's small state objects, starts the service actors and the
+pipeline (sendd.pipeline) under one supervisor, and runs until drained.
 
-    poller ─[claims]─► batcher ─[batches]─► sender × N ─[results]─► writer
-    express poller ─[express]─► express sender × 8 ─┤   (transactional; marked by the claim)
-      reaper ─[unsettled]─► settler ─[results]─┘   (senders hand ambiguous batches to the settler)
-
-Shutdown is layered: a drain cancels only the intake (poller, reaper); everything downstream
+Shutdown is layered: a drain cancels only the intake (pollers, reaper); everything downstream
 finishes as its input channel ends, under the stop timeout. Then what never left is released.
 """
 
@@ -16,32 +13,31 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
+import structlog
 import trio
 import triopg
 
 from sendd import leases
-from sendd.actors.batcher import run_batcher
-from sendd.actors.express import EXPRESS_CAPACITY, EXPRESS_SENDERS, run_express_poller
-from sendd.actors.poller import CAMPAIGN_POLLERS, run_poller
-from sendd.actors.reaper import run_heartbeat, run_reaper
-from sendd.actors.sender import LeaseLost, run_sender
-from sendd.actors.settler import LOOKUP_CONCURRENCY, run_settler
-from sendd.actors.writer import run_writer
-from sendd.config import Config, PipelineConfig
-from sendd.control.server import reload_on_signal, serve_control
-from sendd.core.ratelimit import Governor
+from sendd.actors.express import EXPRESS_SENDERS
+from sendd.actors.gauges import run_gauges
+from sendd.actors.heartbeat import run_heartbeat
+from sendd.actors.housekeeper import Housekeeper, run_housekeeper
+from sendd.actors.poller import CAMPAIGN_POLLERS
+from sendd.config import Config
+from sendd.control.reload import reload_on_signal, switch_config
+from sendd.control.server import serve_control
 from sendd.db import migrate
 from sendd.db.connection import CONNECTION_ERRORS, unavailable
-from sendd.errors import UserError
-from sendd.http.operators import serve_http
+from sendd.errors import UserError, describe, first_leaf
+from sendd.http.operators import Observed, serve_http
 from sendd.notify import Notifier, watchdog_interval
-from sendd.providers import open_provider
-from sendd.runtime import Runtime, new_instance_id
-from sendd.supervisor import CrashLoop, Supervisor, first_leaf
+from sendd.pipeline import Parts, build_parts, provider_connections, run_pipeline
+from sendd.state.controls import Controls
+from sendd.state.lease import LeaseLost, new_instance_id
+from sendd.supervisor import CrashLoop
 
-UNSETTLED_CAPACITY = 64
-# What this daemon sends for, so every daemon can tell messages no daemon serves (sendd.unserved).
-SERVED_ACCOUNTS = "UPDATE sendd.instance SET accounts = $2 WHERE id = $1"
+log = structlog.get_logger()
+
 STATUS_INTERVAL = 5.0  # seconds between STATUS= lines to systemd
 # The cyclic garbage collector's first threshold (CPython's default is 700 allocations). A
 # running daemon allocates a few objects per message, most of them freed by reference counting
@@ -49,6 +45,8 @@ STATUS_INTERVAL = 5.0  # seconds between STATUS= lines to systemd
 # claimed message still in the pipeline, ~10 % of the daemon's CPU. At 50,000 it runs a few
 # times a second; what cycles it finds (trio's cancelled scopes, exceptions) wait that long.
 GC_YOUNG_THRESHOLD = 50_000
+# Actors that run for the daemon's whole life, beside the (rebuildable) pipeline.
+SERVICE_ACTORS = ("heartbeat", "housekeeper", "gauges", "control", "http")
 
 
 def tune_gc() -> None:
@@ -59,18 +57,13 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
-# Actors that run for the daemon's whole life, beside the (rebuildable) pipeline.
-SERVICE_ACTORS = ("heartbeat", "control", "http")
-
-
 async def run_daemon(config: Config, *, ready: trio.Event | None = None,
                      drain: trio.Event | None = None) -> int:
     """Run until SIGTERM/SIGINT (or `drain` is set); returns the process exit code."""
-    pipeline = config.pipeline
     # Senders, express senders, pollers, express poller, writer, heartbeat, reaper, settler,
-    # the metrics refresh, and one spare.
+    # housekeeper, gauges, and one spare.
     pool_size = max(config.database.pool_size,
-                    pipeline.senders + EXPRESS_SENDERS + CAMPAIGN_POLLERS + 7)
+                    config.pipeline.senders + EXPRESS_SENDERS + CAMPAIGN_POLLERS + 8)
     try:
         pool_cm = triopg.create_pool(config.database.url, min_size=2, max_size=pool_size,
                                      timeout=config.database.connect_timeout)
@@ -78,24 +71,19 @@ async def run_daemon(config: Config, *, ready: trio.Event | None = None,
     except (*CONNECTION_ERRORS, TimeoutError) as error:
         raise unavailable(config.database.url, error) from None
     try:
-        runtime = await _start_runtime(config, pool)
+        parts = await _start(config, pool, trio.Event() if drain is None else drain)
         try:
-            return await _serve(runtime, ready, drain or trio.Event())
+            return await _serve(parts, ready)
         finally:
-            for provider in runtime.providers.values():
+            for provider in parts.accounts.providers.values():
                 await provider.aclose()
     finally:
         with trio.CancelScope(shield=True):
             await pool_cm.__aexit__(None, None, None)
 
 
-def provider_connections(pipeline: PipelineConfig) -> int:
-    """HTTP connections per provider: one per sender and express sender, plus the settler's
-    concurrent lookups."""
-    return pipeline.senders + EXPRESS_SENDERS + LOOKUP_CONCURRENCY
-
-
-async def _start_runtime(config: Config, pool: Any) -> Runtime:
+async def _start(config: Config, pool: Any, drain: trio.Event) -> Parts:
+    """Check the schema, register this instance's lease, and build the state objects."""
     leases.check_runnable(config)
     async with pool.acquire() as conn:
         version = await migrate.schema_version(conn)
@@ -106,115 +94,123 @@ async def _start_runtime(config: Config, pool: Any) -> Runtime:
         instance_id = new_instance_id(config.daemon.instance_id)
         registered = trio.current_time()
         await leases.register(conn, instance_id, config.pipeline.lease_seconds)
-        await conn.execute(SERVED_ACCOUNTS, instance_id, sorted(config.accounts))
-    governor = Governor()
-    for account in config.accounts.values():
-        governor.set_account(account.name, account.msgs_per_s, account.reqs_per_s)
-    connections = provider_connections(config.pipeline)
-    providers = {name: open_provider(account, connections)
-                 for name, account in config.accounts.items()}
-    runtime = Runtime(config, instance_id, pool, governor, providers,
-                      lease_valid_until=registered + config.pipeline.lease_seconds)
-    runtime.log = runtime.log.bind(instance=instance_id)
-    runtime.breakers.probe_cap = config.retry.probe_cap
-    return runtime
+        await leases.serve_accounts(conn, instance_id, list(config.accounts))
+    structlog.contextvars.bind_contextvars(instance=instance_id)  # on every log line
+    return build_parts(config, pool, instance_id, registered + config.pipeline.lease_seconds,
+                       drain)
 
 
-async def _serve(runtime: Runtime, ready: trio.Event | None, drain: trio.Event) -> int:
-    supervisor = Supervisor(runtime.log, fatal=(LeaseLost,))
+def _service_actors(parts: Parts) -> list[tuple[str, Callable[..., Any]]]:
+    pool, lease, health = parts.pool, parts.lease, parts.health
+    seconds = parts.controls.config.pipeline.lease_seconds
+    housekeeper = Housekeeper(parts.accounts, parts.controls, health)
+    config = parts.controls.config
+    observed = Observed(pool, config.daemon.http_listen, health, lease, parts.accounts,
+                        parts.metrics, parts.controls.drain)
+    return [
+        ("heartbeat", functools.partial(run_heartbeat, pool, lease, health, seconds)),
+        ("housekeeper", functools.partial(run_housekeeper, pool, housekeeper)),
+        ("gauges", functools.partial(run_gauges, pool, health, parts.metrics)),
+        ("control", functools.partial(serve_control, pool=pool, lease=lease,
+                                      accounts=parts.accounts, controls=parts.controls,
+                                      health=health)),
+        ("http", functools.partial(serve_http, observed)),  # /healthz /readyz /metrics
+    ]
+
+
+async def _serve(parts: Parts, ready: trio.Event | None) -> int:
     exit_code = 0
-    # Control socket: status reads the drain event and restart counts through the runtime.
-    runtime.drain = drain
-    runtime.restarts = supervisor.restarts
-    runtime.crashed_at = supervisor.crashed_at  # for /healthz
-
-    notifier = Notifier.from_environ(log=runtime.log)
+    notifier = Notifier.from_environ(log=log)
 
     def on_ready() -> None:
-        runtime.log.info("daemon_ready", accounts=sorted(runtime.providers))
+        log.info("daemon_ready", accounts=sorted(parts.accounts.providers))
         notifier.ready()  # every actor has started and the database has answered
         if ready is not None:
             ready.set()
 
     try:
         async with trio.open_nursery() as nursery:
-            for name, actor in zip(SERVICE_ACTORS, (run_heartbeat, serve_control, serve_http),
-                                   strict=True):  # http: /healthz /readyz /metrics
-                await nursery.start(supervisor.supervise, name, actor, runtime)
-            runtime.actors += list(SERVICE_ACTORS)
-            nursery.start_soon(_watch_signals, runtime, drain)
-            nursery.start_soon(_tell_systemd, runtime, notifier, drain)
+            for name, actor in _service_actors(parts):
+                await nursery.start(parts.supervisor.supervise, name, actor)
+            parts.health.actors += list(SERVICE_ACTORS)
+            nursery.start_soon(_watch_signals, parts)
+            nursery.start_soon(_tell_systemd, parts, notifier)
             with trio.CancelScope() as pipeline_scope:
-                nursery.start_soon(_stop_after, runtime, drain, pipeline_scope)
-                await _run_pipelines(runtime, supervisor, drain, on_ready)
+                nursery.start_soon(_stop_after, parts.controls, pipeline_scope)
+                await _run_pipelines(parts, on_ready)
             nursery.cancel_scope.cancel()
     except* (CrashLoop, LeaseLost) as group:
-        runtime.log.error("daemon_failed", error=str(first_leaf(group)))
+        log.error("daemon_failed", error=describe(first_leaf(group)))
         exit_code = 1
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(10):
-            await _finish(runtime)
+            await _finish(parts)
     return exit_code
 
 
-async def _tell_systemd(runtime: Runtime, notifier: Notifier, drain: trio.Event) -> None:
+async def _tell_systemd(parts: Parts, notifier: Notifier) -> None:
     """STATUS= lines with the send rate; WATCHDOG=1 while the lease heartbeat keeps succeeding and
     no actor is wedged (a wedged actor, a blocked event loop or a lost database stop the pings);
     STOPPING=1 once a drain starts."""
+    health, drain = parts.health, parts.controls.drain
     interval = watchdog_interval() or STATUS_INTERVAL
     last_total, last_time = 0, trio.current_time()
     while not drain.is_set():
         with trio.move_on_after(min(interval, STATUS_INTERVAL)):
             await drain.wait()
         now = trio.current_time()
-        total = sum(runtime.outcomes.values())
+        outcomes = health.outcomes
+        total = sum(outcomes.values())
         rate = (total - last_total) / max(now - last_time, 1e-6)
         last_total, last_time = total, now
-        backlog = "" if runtime.backlog is None else f"; backlog {runtime.backlog:,}"
-        notifier.status(f"{rate:,.0f} msgs/s; sent {runtime.outcomes['sent']:,}, "
-                        f"failed {runtime.outcomes['failed']:,}{backlog}")
-        if runtime.lease_valid_until > now and not runtime.stalled() and not drain.is_set():
+        backlog = "" if health.backlog is None else f"; backlog {health.backlog:,}"
+        notifier.status(f"{rate:,.0f} msgs/s; sent {outcomes['sent']:,}, "
+                        f"failed {outcomes['failed']:,}{backlog}")
+        if parts.lease.valid_until > now and not health.stalled() and not drain.is_set():
             notifier.watchdog()
     notifier.stopping()
     notifier.status("draining")
 
 
-async def _stop_after(runtime: Runtime, drain: trio.Event, scope: trio.CancelScope) -> None:
+async def _stop_after(controls: Controls, scope: trio.CancelScope) -> None:
     """Once a drain starts, give the pipeline the stop timeout, then cancel what is left."""
-    await drain.wait()
-    runtime.log.info("drain_started", timeout=runtime.config.daemon.stop_timeout)
-    await trio.sleep(runtime.config.daemon.stop_timeout)
-    runtime.log.warning("drain_timeout", timeout=runtime.config.daemon.stop_timeout)
+    await controls.drain.wait()
+    timeout = controls.config.daemon.stop_timeout
+    log.info("drain_started", timeout=timeout)
+    await trio.sleep(timeout)
+    log.warning("drain_timeout", timeout=timeout)
     scope.cancel()
 
 
-async def _watch_signals(runtime: Runtime, drain: trio.Event) -> None:
+async def _watch_signals(parts: Parts) -> None:
+    drain = parts.controls.drain
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
-                await reload_on_signal(runtime)
+                await reload_on_signal(parts.controls, parts.accounts)
             elif drain.is_set():
                 raise KeyboardInterrupt  # a second signal: stop now, leases settle the rest
             else:
                 drain.set()
 
 
-async def _run_pipelines(runtime: Runtime, supervisor: Supervisor, drain: trio.Event,
-                         on_ready: Callable[[], None]) -> None:
+async def _run_pipelines(parts: Parts, on_ready: Callable[[], None]) -> None:
     """Run the pipeline until a drain. A reload that changes what only a new pipeline can take
     (channel capacities, senders, accounts, retries) drains this one the same way — in-flight
     work finishes and is written — then starts the next with the new configuration."""
+    controls = parts.controls
     while True:
         stop_intake = trio.Event()
-        runtime.rebuild = trio.Event()
+        controls.rebuild = trio.Event()
         async with trio.open_nursery() as watchers:
-            for cause in (drain, runtime.rebuild):
+            for cause in (controls.drain, controls.rebuild):
                 watchers.start_soon(_relay, cause, stop_intake)
-            await _run_pipeline(runtime, supervisor, stop_intake, on_ready)
+            await run_pipeline(parts, stop_intake, on_ready, SERVICE_ACTORS)
             watchers.cancel_scope.cancel()
-        if drain.is_set():
+        if controls.drain.is_set():
             return
-        await _apply_rebuild(runtime)
+        await switch_config(parts.pool, parts.lease, parts.accounts, controls, parts.health,
+                            connections=provider_connections(controls.next_config.pipeline))
 
 
 async def _relay(cause: trio.Event, effect: trio.Event) -> None:
@@ -222,82 +218,12 @@ async def _relay(cause: trio.Event, effect: trio.Event) -> None:
     effect.set()
 
 
-async def _apply_rebuild(runtime: Runtime) -> None:
-    """Between two pipelines: put back the claims the stopped intake held, then switch the
-    configuration, providers and rate limits."""
-    old, new = runtime.config, runtime.next_config
-    async with runtime.pool.acquire() as conn:
-        released = await leases.release_unsubmitted(conn, runtime.instance_id)
-        await conn.execute(SERVED_ACCOUNTS, runtime.instance_id, sorted(new.accounts))
-    connections = provider_connections(new.pipeline)
-    for name, account in new.accounts.items():
-        if old.accounts.get(name) != account or name not in runtime.providers:
-            if name in runtime.providers:
-                await runtime.providers[name].aclose()
-            runtime.providers[name] = open_provider(account, connections)
-        runtime.governor.set_account(name, account.msgs_per_s, account.reqs_per_s)
-    for name in set(runtime.providers) - set(new.accounts):
-        await runtime.providers.pop(name).aclose()
-    runtime.config = new
-    runtime.breakers.probe_cap = new.retry.probe_cap
-    runtime.log.info("pipeline_rebuilt", released=released, accounts=sorted(new.accounts))
-
-
-async def _run_pipeline(runtime: Runtime, supervisor: Supervisor, drain: trio.Event,
-                        on_ready: Callable[[], None]) -> None:
-    """Start the actors tail first, report ready, and return once drained."""
-    cfg = runtime.config.pipeline
-    runtime.actors = [a for a in runtime.actors if a in SERVICE_ACTORS]
-    claims_send, claims_recv = trio.open_memory_channel(cfg.claim_capacity)
-    batches_send, batches_recv = trio.open_memory_channel(cfg.batch_capacity)
-    results_send, results_recv = trio.open_memory_channel(cfg.result_capacity)
-    unsettled_send, unsettled_recv = trio.open_memory_channel(UNSETTLED_CAPACITY)
-    express_send, express_recv = trio.open_memory_channel(EXPRESS_CAPACITY)
-    # For status (control socket): statistics() of either end reads the shared buffer.
-    runtime.channels = {"claims": claims_recv, "batches": batches_send,
-                        "results": results_recv, "unsettled": unsettled_recv,
-                        "express": express_recv}
-
-    def start(nursery: trio.Nursery, name: str, actor: Any, *channels: Any) -> Any:
-        runtime.actors.append(name)
-        run = functools.partial(supervisor.supervise, name, actor, runtime, channels=channels)
-        return nursery.start(run)
-
-    async with trio.open_nursery() as tail:
-        await start(tail, "writer", run_writer, results_recv)
-        await start(tail, "settler", run_settler, unsettled_recv, results_send.clone())
-        for number in range(cfg.senders):
-            await start(tail, f"sender-{number}", run_sender, batches_recv.clone(),
-                        results_send.clone(), unsettled_send.clone())
-        for number in range(EXPRESS_SENDERS):
-            await start(tail, f"express-sender-{number}", run_sender, express_recv.clone(),
-                        results_send.clone(), unsettled_send.clone())
-        await start(tail, "batcher", run_batcher, claims_recv, batches_send)
-        # Only the clones handed out keep these open now, so the ends propagate downstream.
-        await batches_recv.aclose()
-        await express_recv.aclose()
-        await results_send.aclose()
-        async with trio.open_nursery() as intake:
-            await start(intake, "poller", run_poller, claims_send.clone())
-            for number in range(2, CAMPAIGN_POLLERS + 1):
-                name = f"poller-{number}"
-                await start(intake, name, functools.partial(run_poller, name=name, lead=False),
-                            claims_send.clone())
-            await claims_send.aclose()  # the pollers' clones keep the channel open
-            await start(intake, "express", run_express_poller, express_send)
-            await start(intake, "reaper", run_reaper, unsettled_send)
-            on_ready()
-            await drain.wait()
-            intake.cancel_scope.cancel()
-    runtime.log.info("drain_finished")
-
-
-async def _finish(runtime: Runtime) -> None:
+async def _finish(parts: Parts) -> None:
     """Release what never reached a provider; open marks are left for settlement."""
     try:
-        async with runtime.pool.acquire() as conn:
-            open_marks = await leases.finish(conn, runtime.instance_id)
+        async with parts.pool.acquire() as conn:
+            open_marks = await leases.finish(conn, parts.lease.instance_id)
     except CONNECTION_ERRORS as error:
-        runtime.log.warning("finish_failed", error=str(error), detail="leases will expire")
+        log.warning("finish_failed", error=str(error), detail="leases will expire")
         return
-    runtime.log.info("daemon_stopped", unsettled_batches=open_marks)
+    log.info("daemon_stopped", unsettled_batches=open_marks)

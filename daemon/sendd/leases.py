@@ -180,3 +180,12 @@ def check_runnable(config: Config) -> None:
     if config.pipeline.lease_seconds <= needed:
         raise ConfigError(f"pipeline.lease_seconds: must be more than {needed:g} (1.5 x the "
                           f"longest account timeout, {longest:g}s, plus {LEASE_MARGIN:g}s)")
+
+
+# What this daemon sends for, so every daemon can tell messages no daemon serves
+# (sendd.state.unserved).
+SERVED_ACCOUNTS = "UPDATE sendd.instance SET accounts = $2 WHERE id = $1"
+
+
+async def serve_accounts(conn: Any, instance_id: str, accounts: list[str]) -> None:
+    await conn.execute(SERVED_ACCOUNTS, instance_id, sorted(accounts))

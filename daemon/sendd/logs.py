@@ -68,7 +68,7 @@ def configure(level: str = "info", fmt: str = "json") -> None:
     ("console"); also take over the stdlib logging, warnings and uncaught-exception output."""
     renderer = (structlog.processors.JSONRenderer() if fmt == "json"
                 else structlog.dev.ConsoleRenderer(colors=False))
-    stamp = [structlog.processors.add_log_level,
+    stamp = [structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
              structlog.processors.TimeStamper(fmt="iso", utc=True)]
     numeric = logging.getLevelNamesMapping()[level.upper()]
     structlog.configure(

@@ -14,6 +14,7 @@ from typing import Any
 import trio
 
 from sendd.core.backoff import retry_delay
+from sendd.errors import contains, describe, first_leaf
 
 # Errors that mean the daemon itself must stop (e.g. its lease ended), not just restart one actor.
 FATAL: tuple[type[BaseException], ...] = ()
@@ -63,7 +64,7 @@ class Supervisor:
                         task_status = trio.TASK_STATUS_IGNORED
                     return
                 except Exception as error:  # noqa: BLE001 -- the point of a supervisor
-                    if _contains(error, self.fatal):
+                    if contains(error, self.fatal):
                         raise
                     await self._crashed(name, error)
         finally:
@@ -77,8 +78,8 @@ class Supervisor:
         self._recent.append(now)
         while self._recent and self._recent[0] < now - self.window:
             self._recent.popleft()
-        cause = first_leaf(error)  # the actor's own error, not the nursery's group around it
-        described = f"{type(cause).__name__}: {cause}".splitlines()[0]
+        # The actor's own error, not the nursery's group around it.
+        described = describe(first_leaf(error), typed=True)
         self.log.error("actor_crashed", actor=name, error=described,
                        restarts=self.restarts[name], exc_info=error)
         if len(self._recent) > self.max_restarts:
@@ -89,19 +90,3 @@ class Supervisor:
 
 async def _run_started(actor, args, clones, task_status=trio.TASK_STATUS_IGNORED) -> None:
     await actor(*args, *clones, task_status=task_status)
-
-
-def _contains(error: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
-    """Is `error`, or anything in it when it is an exception group, one of `kinds`?"""
-    if isinstance(error, kinds):
-        return True
-    if isinstance(error, BaseExceptionGroup):
-        return any(_contains(inner, kinds) for inner in error.exceptions)
-    return False
-
-
-def first_leaf(error: BaseException) -> BaseException:
-    """The first error inside (possibly nested) exception groups."""
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return error

@@ -11,9 +11,11 @@ from collections.abc import Iterable
 
 import trio
 
+from sendd.config import PipelineConfig
 from sendd.core.batching import BatchBuilder
 from sendd.model import Batch, Message
-from sendd.runtime import Runtime
+from sendd.state.accounts import Accounts
+from sendd.state.controls import Controls
 
 
 def group_by_destination(messages: Iterable[Message]) -> dict[tuple[str, str], list[Message]]:
@@ -30,16 +32,20 @@ def group_by_destination(messages: Iterable[Message]) -> dict[tuple[str, str], l
 
 
 async def run_batcher(
-    runtime: Runtime,
+    accounts: Accounts,
+    controls: Controls,
+    pipeline: PipelineConfig,
     claims: trio.MemoryReceiveChannel[list[Message]],
     batches: trio.MemorySendChannel[Batch],
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Batch until the claims channel ends, then flush what is pending and close `batches`."""
-    pipeline = runtime.config.pipeline
+    def max_batch(key: tuple[str, str]) -> int:
+        account, tenant = key
+        return accounts.max_batch(controls.account(account), tenant)
+
     builder: BatchBuilder[tuple[str, str], Message] = BatchBuilder(
-        lambda key: runtime.max_batch(*key), pipeline.linger_ms / 1000
-    )
+        max_batch, pipeline.linger_ms / 1000)
     # Never hold more than one claim chunk waiting for company: bounds claimed-but-unsent work.
     hold_limit = pipeline.claim_chunk
 

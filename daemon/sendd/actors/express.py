@@ -21,10 +21,12 @@ from typing import Any
 import trio
 
 from sendd.actors import poller
-from sendd.db.connection import keep_connected, listening
+from sendd.actors.poller import Claimer
+from sendd.db.claims import CLAIM_EXPRESS
+from sendd.db.connection import listening
+from sendd.db.retry import keep_connected
 from sendd.leases import LEASE_MARGIN
 from sendd.model import Batch, Message
-from sendd.runtime import Runtime
 
 # Concurrent express requests. Transactional traffic is a trickle, but under a saturating
 # campaign each batch spends ~50 ms p50 on its mark and request, so with two senders, batches
@@ -32,13 +34,9 @@ from sendd.runtime import Runtime
 EXPRESS_SENDERS = 8
 EXPRESS_CAPACITY = 4  # batches, express poller -> express senders
 
-CLAIM_EXPRESS = """
-SELECT * FROM sendd.claim_express($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
-"""
-
-
 async def run_express_poller(
-    runtime: Runtime,
+    pool: Any,
+    claimer: Claimer,
     batches: trio.MemorySendChannel[Batch],
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -46,7 +44,7 @@ async def run_express_poller(
 
     It listens for NOTIFY on its own connection: PostgreSQL delivers a notification only to a
     connection that is idle, and the campaign pollers' are busy claiming most of the time."""
-    interval = runtime.config.pipeline.poll_interval
+    interval = claimer.controls.config.pipeline.poll_interval
     wakeup = trio.Event()
 
     def on_notify(*_: object) -> None:
@@ -59,8 +57,8 @@ async def run_express_poller(
             task_status = trio.TASK_STATUS_IGNORED  # ready once, not on every reconnect
             while True:
                 wakeup = trio.Event()  # before the claim: a NOTIFY during it is not missed
-                with runtime.working("express"):
-                    claimed = await claim_express(conn, runtime)
+                with claimer.health.working("express"):
+                    claimed = await claim_express(conn, claimer)
                 for batch in claimed:
                     await batches.send(batch)
                 if not claimed:
@@ -68,27 +66,28 @@ async def run_express_poller(
                         await wakeup.wait()
 
     async with batches:
-        await keep_connected(runtime, "express", session)
+        await keep_connected(pool, claimer.health, "express", session)
 
 
-async def claim_express(conn: Any, runtime: Runtime) -> list[Batch]:
+async def claim_express(conn: Any, claimer: Claimer) -> list[Batch]:
     """One express claim: the due transactional messages this daemon may send, as provider
     batches (per account and tenant, at most max_batch each), marked submitted when the lease
     allowed it."""
-    accounts = [a for a in runtime.config.accounts if a not in runtime.excluded_accounts()]
-    if runtime.paused_all or not accounts:
+    accounts = claimer.claimable_accounts()
+    if claimer.controls.paused_all or not accounts:
         return []
-    limits = runtime.governor.tenant_limits()
-    known = runtime.budgets
+    limits = claimer.accounts.governor.tenant_limits()
+    known = claimer.budgets
     # The marks need the lease to outlive the slowest of these accounts' requests.
-    margin = max(runtime.config.accounts[a].timeout for a in accounts) + LEASE_MARGIN
+    margin = max(claimer.controls.account(a).timeout for a in accounts) + LEASE_MARGIN
+    sizes = [claimer.accounts.max_batch(claimer.controls.account(a), None) for a in accounts]
     rows = await conn.fetch(
-        CLAIM_EXPRESS, runtime.instance_id, accounts,
-        [runtime.max_batch(a, None) for a in accounts], sorted(runtime.paused_tenants),
-        runtime.config.pipeline.claim_chunk, list(limits), list(limits.values()),
+        CLAIM_EXPRESS, claimer.lease.instance_id, accounts,
+        sizes, sorted(claimer.controls.paused_tenants),
+        claimer.controls.config.pipeline.claim_chunk, list(limits), list(limits.values()),
         list(known), list(known.values()), poller.CLAIM_SHARE, poller.CLAIM_SLOTS,
         poller.CLAIM_LOCK_SPACE, poller.EXPRESS_SLOT, margin)
-    runtime.budgets.update({row["tenant_id"]: row["budget"] for row in rows})
+    claimer.budgets.update({row["tenant_id"]: row["budget"] for row in rows})
     # The function has cut the claim into batches; a batch without a mark (the lease is due
     # for renewal) is marked by its sender.
     batches: dict[tuple[str, str, int], Batch] = {}

@@ -12,16 +12,21 @@ nothing more is claimed.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 import trio
 
-from sendd import unserved
-from sendd.db.connection import keep_connected, listening
+from sendd.db.claims import CLAIM_BUDGETS, CLAIM_CAMPAIGN_MESSAGES
+from sendd.db.retry import keep_connected
 from sendd.model import Message
-from sendd.runtime import Runtime
+from sendd.state.accounts import Accounts
+from sendd.state.controls import Controls
+from sendd.state.health import Health
+from sendd.state.lease import Lease
+
+log = structlog.get_logger()
 
 ACTIVE_CAMPAIGNS = """
 SELECT c.id, c.tenant_id FROM sendd.campaign c JOIN sendd.tenant t ON t.id = c.tenant_id
@@ -44,61 +49,7 @@ EXPRESS_SLOT = 3
 # tenants with less than CLAIM_SLOTS shares left are claimed one claimer at a time.
 CLAIM_SHARE = 100_000
 CLAIM_LOCK_SPACE = 0x434C4149  # "CLAI": first key of the slot locks (two-key form, + slot)
-# The claim transaction does not wait for its commit to reach the disk (synchronous_commit off
-# for this transaction only): nothing claimed is sent before its submission mark commits, which
-# is synchronous, and WAL is flushed in order, so the mark's flush makes the claim durable too;
-# a crash before that loses a claim of messages nobody sent, which are simply queued again.
-# That spares every claim an fsync wait. (In this statement to save a round trip.)
-LOCK_SLOTS = """
-SELECT sendd.lock_claim_slots($1::text[], $2::boolean[], $3, $4, $5),
-       set_config('synchronous_commit', 'off', true)
-"""
-
-# What each tenant can still pay for: credits minus the segments in flight (kept per tenant by
-# the message triggers, migration 0005). Read after the slot locks, in its own statement, so its
-# snapshot includes the previous claimers' commits; credits and in-flight segments change
-# together in every writer commit, so their difference is consistent in any one snapshot.
-TENANT_BUDGETS = """
-SELECT t.id, t.credits - sendd.in_flight_segments(t.id) AS budget
-FROM sendd.tenant t WHERE t.id = ANY($1::text[]) ORDER BY t.id
-"""
-
-CLAIM = """
-WITH budget AS (
-    SELECT * FROM unnest($1::text[], $2::bigint[]) AS b(tenant_id, budget)
-), candidate AS (
-    SELECT q.id, q.tenant_id, q.segments
-    FROM unnest($3::bigint[]) AS c(id) CROSS JOIN LATERAL (
-        SELECT m.id, m.tenant_id, m.segments FROM sendd.message m
-        WHERE m.campaign_id = c.id AND m.status = 'queued' AND m.next_attempt_at <= now()
-          AND m.account = ANY($5::text[])
-        ORDER BY m.next_attempt_at, m.id LIMIT $4
-        FOR UPDATE SKIP LOCKED) q
-), affordable AS (
-    SELECT c.id FROM (
-        SELECT candidate.id, b.budget, sum(candidate.segments) OVER (
-            PARTITION BY candidate.tenant_id ORDER BY candidate.id) AS cost
-        FROM candidate JOIN budget b USING (tenant_id)) c
-    WHERE c.cost <= c.budget
-), lease AS (
-    -- Fenced by our own live lease (KEY SHARE: a reaper cannot adopt us mid-claim), so a
-    -- daemon whose work was adopted never claims rows that no lease would ever cover.
-    SELECT 1 FROM sendd.instance i
-    WHERE i.id = $6 AND i.stopped_at IS NULL AND i.lease_until > now() FOR KEY SHARE
-)
-UPDATE sendd.message m SET status = 'sending', lease_owner = $6
-FROM affordable a WHERE m.id = a.id AND sendd.transition_allowed(m.status, 'sending')
-  AND EXISTS (SELECT 1 FROM lease)
-RETURNING m.id, m.tenant_id, m.campaign_id, m.account, m.sender, m.recipient, m.body,
-          m.segments, m.attempts
-"""
-
-HOUSEKEEPING_INTERVAL = 1.0  # seconds between scheduled-campaign starts and credit checks
-
-START_SCHEDULED = """
-UPDATE sendd.campaign SET status = 'sending', started_at = now()
-WHERE status = 'scheduled' AND scheduled_at <= now()
-"""
+STARVED_CHECK_INTERVAL = 1.0  # seconds between checks for tenants out of credits
 
 # The first due message of each of a tenant's sending campaigns: if none fits in the credits
 # left (with nothing in flight that could be refunded), the campaigns are paused for credits.
@@ -117,16 +68,23 @@ RETURNING id
 """
 
 
-# Campaigns with messages waiting for an account whose provider has been unreachable for
-# `retry.provider_down_pause`: paused with the reason instead of waiting on unseen (an operator
-# resumes them once the provider is back, or moves the messages to another account).
-PAUSE_FOR_PROVIDER = """
-UPDATE sendd.campaign c SET status = 'paused', pause_reason = $2
-WHERE c.status = 'sending' AND EXISTS (
-    SELECT 1 FROM sendd.message m
-    WHERE m.campaign_id = c.id AND m.status = 'queued' AND m.account = $1)
-RETURNING c.id
-"""
+@dataclass
+class Claimer:
+    """What the campaign pollers and the express poller claim with: this instance's lease
+    (claims are fenced by it), the accounts held back and the operator's pauses, health, and
+    each tenant's budget as the last claim read it (which claim slots the next claim takes)."""
+
+    lease: Lease
+    accounts: Accounts
+    controls: Controls
+    health: Health
+    budgets: dict[str, int] = field(default_factory=dict)
+
+    def claimable_accounts(self) -> list[str]:
+        """Accounts messages may be claimed for: not paused by the operator, not suspended by
+        the provider, not held back by their breaker."""
+        held = self.controls.paused_accounts | self.accounts.held_back()
+        return [a for a in self.controls.config.accounts if a not in held]
 
 
 @dataclass
@@ -135,56 +93,41 @@ class Claim:
     unserved: dict[str, int]  # tenant -> budget, for tenants that got nothing this time
 
 
-async def claim_due(conn: Any, runtime: Runtime) -> Claim:
+async def claim_due(conn: Any, claimer: Claimer) -> Claim:
     """One claim transaction of campaign messages: up to about `claim_chunk`, a fair share from
     every sending campaign. (Transactional messages take the express lane: sendd.actors.express.)"""
-    if runtime.paused_all:  # operator pause (control socket): claim nothing until resumed
+    if claimer.controls.paused_all:  # operator pause (control socket): claim nothing until resumed
         return Claim([], {})
-    chunk = runtime.config.pipeline.claim_chunk
-    accounts = [a for a in runtime.config.accounts if a not in runtime.excluded_accounts()]
-    paused = sorted(runtime.paused_tenants)
+    chunk = claimer.controls.config.pipeline.claim_chunk
+    accounts = claimer.claimable_accounts()
+    paused = sorted(claimer.controls.paused_tenants)
     async with conn.transaction():
         campaign_rows = await conn.fetch(ACTIVE_CAMPAIGNS, paused)
         tenants = sorted({r["tenant_id"] for r in campaign_rows})
         if not tenants or not accounts:
             return Claim([], {})
-        share = CLAIM_SHARE
         # A slot or alone, by the budget this daemon saw last (a tenant it has not seen yet is
-        # claimed alone once): a guess only, the budget is read again under the locks.
-        alone = [runtime.budgets.get(t, 0) < CLAIM_SLOTS * share for t in tenants]
-        await conn.execute(LOCK_SLOTS, tenants, alone, CLAIM_LOCK_SPACE, *CAMPAIGN_SLOTS)
-        budgets = await _budgets(conn, tenants)
-        runtime.budgets.update(budgets)
-        spendable = [spendable_budget(budgets.get(t, 0), share, exclusive)
-                     for t, exclusive in zip(tenants, alone, strict=True)]
+        # claimed alone once): a guess only, the budget is read again under the locks, with
+        # what this claim may spend of it (sendd.claim_budgets).
+        seen = [claimer.budgets.get(t) for t in tenants]
+        rows = await conn.fetch(CLAIM_BUDGETS, tenants, seen, CLAIM_SHARE, CLAIM_SLOTS,
+                                CLAIM_LOCK_SPACE, *CAMPAIGN_SLOTS)
+        budgets = {r["tenant_id"]: r["budget"] for r in rows}
+        claimer.budgets.update(budgets)
+        spendable = [r["spendable"] for r in rows]  # in the order of `tenants`
         per_campaign = math.ceil(chunk / len(campaign_rows))
-        rows = await conn.fetch(CLAIM, tenants, spendable, [r["id"] for r in campaign_rows],
-                                per_campaign, accounts, runtime.instance_id)
+        campaigns = [r["id"] for r in campaign_rows]
+        rows = await conn.fetch(CLAIM_CAMPAIGN_MESSAGES, tenants, spendable, campaigns,
+                                per_campaign, accounts, claimer.lease.instance_id)
     messages = [Message(*row) for row in rows]
-    runtime.unserved.saw([r["id"] for r in campaign_rows], {m.campaign_id for m in messages},
+    claimer.health.unserved.saw([r["id"] for r in campaign_rows], {m.campaign_id for m in messages},
                          trio.current_time())
     claimed_tenants = {m.tenant_id for m in messages}
     unserved = {t: b for t, b in budgets.items() if t not in claimed_tenants}
     return Claim(messages, unserved)
 
 
-async def _budgets(conn: Any, tenants: list[str]) -> dict[str, int]:
-    return {r["id"]: r["budget"] for r in await conn.fetch(TENANT_BUDGETS, tenants)}
-
-
-def spendable_budget(budget: int, share: int, exclusive: bool) -> int:
-    """What one claim may spend of a tenant's budget (read after taking its claim locks).
-
-    Alone (the tenant's gate shut): all of it. In one slot: one share, and only while the
-    budget still covers a share for every slot; once it does not, nothing this time, and the
-    next claim goes alone.
-    """
-    if exclusive:
-        return budget
-    return share if budget >= CLAIM_SLOTS * share else 0
-
-
-async def pause_starved(conn: Any, runtime: Runtime, unserved: dict[str, int]) -> None:
+async def pause_starved(conn: Any, unserved: dict[str, int]) -> None:
     """Pause the sending campaigns of tenants whose credits cannot pay for their next message."""
     for tenant, budget in unserved.items():
         cheapest = await conn.fetchval(CHEAPEST_NEXT, tenant)
@@ -199,7 +142,7 @@ async def pause_starved(conn: Any, runtime: Runtime, unserved: dict[str, int]) -
         reason = f"insufficient credits: {budget} left, the next message needs {cheapest}"
         paused = await conn.fetch(PAUSE_FOR_CREDITS, tenant, reason)
         for row in paused:
-            runtime.log.warning("campaign_paused", campaign=row["id"], tenant=tenant, reason=reason)
+            log.warning("campaign_paused", campaign=row["id"], tenant=tenant, reason=reason)
 
 
 # Campaign pollers per daemon: while one waits for its claim statement, the other's can run
@@ -208,68 +151,42 @@ CAMPAIGN_POLLERS = 2
 
 
 async def run_poller(
-    runtime: Runtime,
+    pool: Any,
+    claimer: Claimer,
     claims: trio.MemorySendChannel[list[Message]],
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     *,
     name: str = "poller",
-    lead: bool = True,
 ) -> None:
     """Claim campaign messages until cancelled (drain cancels this actor first); closes `claims`
-    when done. The lead poller also listens for NOTIFY and does the housekeeping; `name` is the
-    actor's, for health and problem reports."""
-    interval = runtime.config.pipeline.poll_interval
-
-    def on_notify(*_: object) -> None:
-        runtime.wake_poller()
+    when done. `name` is the actor's, for health and problem reports. (NOTIFY wake-ups come
+    through the housekeeper: sendd.actors.housekeeper.)"""
+    interval = claimer.controls.config.pipeline.poll_interval
 
     async def session(conn: Any) -> None:
         nonlocal task_status
-        async with listening(conn, "sendd_queued", on_notify) if lead else nullcontext():
-            task_status.started()
-            task_status = trio.TASK_STATUS_IGNORED  # ready once, not on every reconnect
-            await _claim_forever(runtime, conn, claims, interval, name, lead)
+        task_status.started()
+        task_status = trio.TASK_STATUS_IGNORED  # ready once, not on every reconnect
+        await _claim_forever(claimer, conn, claims, interval, name)
 
     async with claims:
-        await keep_connected(runtime, name, session)
+        await keep_connected(pool, claimer.health, name, session)
 
 
-async def _claim_forever(runtime: Runtime, conn: Any, claims: trio.MemorySendChannel,
-                         interval: float, name: str, lead: bool) -> None:
-    """Claim, hand over, and wait for work (NOTIFY or the poll interval) when there is none."""
-    next_housekeeping = 0.0 if lead else float("inf")
+async def _claim_forever(claimer: Claimer, conn: Any, claims: trio.MemorySendChannel,
+                         interval: float, name: str) -> None:
+    """Claim, hand over, and wait for work (a wake-up or the poll interval) when there is none;
+    every STARVED_CHECK_INTERVAL, pause the campaigns of tenants that could pay for nothing."""
+    next_starved_check = 0.0
     while True:
-        wakeup = runtime.wakeup  # before the claim: a NOTIFY during it is not missed
-        with runtime.working(name):
-            housekeeping = trio.current_time() >= next_housekeeping
-            if housekeeping:
-                await housekeep(conn, runtime)
-                next_housekeeping = trio.current_time() + HOUSEKEEPING_INTERVAL
-            claim = await claim_due(conn, runtime)
-            if housekeeping and claim.unserved:
-                await pause_starved(conn, runtime, claim.unserved)
+        wakeup = claimer.controls.wakeup  # before the claim: a NOTIFY during it is not missed
+        with claimer.health.working(name):
+            claim = await claim_due(conn, claimer)
+            if claim.unserved and trio.current_time() >= next_starved_check:
+                await pause_starved(conn, claim.unserved)
+                next_starved_check = trio.current_time() + STARVED_CHECK_INTERVAL
         if claim.messages:
             await claims.send(claim.messages)
             continue  # more may be due right away
         with trio.move_on_after(interval):
             await wakeup.wait()
-
-
-async def housekeep(conn: Any, runtime: Runtime) -> None:
-    """Start scheduled campaigns that are due; pick up tenants' rate limits; pause campaigns
-    that have waited too long for an unreachable provider."""
-    await conn.execute(START_SCHEDULED)
-    for row in await conn.fetch("SELECT id, rate_msgs_per_s FROM sendd.tenant"):
-        runtime.governor.set_tenant(row["id"], row["rate_msgs_per_s"])
-    await pause_for_unreachable(conn, runtime)
-    await unserved.check(conn, runtime.unserved, trio.current_time(), runtime.log)
-
-
-async def pause_for_unreachable(conn: Any, runtime: Runtime) -> None:
-    after = runtime.config.retry.provider_down_pause
-    for account in runtime.breakers.due_for_pause(trio.current_time(), after):
-        breaker = runtime.breakers.get(account)
-        reason = (f"account {account} unreachable for {after:g} s: {breaker.reason}")[:500]
-        for row in await conn.fetch(PAUSE_FOR_PROVIDER, account, reason):
-            runtime.log.warning("campaign_paused", campaign=row["id"], account=account,
-                                reason=reason)

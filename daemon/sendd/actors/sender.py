@@ -1,67 +1,32 @@
 """The sender pool: each worker takes a batch, waits for the rate governor, writes the durable
-"submitted" mark, calls the provider and turns its answer into per-message outcomes.
+"submitted" mark, calls the provider and hands the outcomes on. I/O only: what an answer means
+is sendd.core.outcomes'; this applies the account's reaction and the breaker's bookkeeping.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
+import structlog
 import trio
 
-from sendd.config import RetryConfig
-from sendd.core.backoff import retry_delay
 from sendd.core.breaker import Admission, State, Ticket
-from sendd.db.connection import RETRYABLE_ERRORS
+from sendd.core.outcomes import Reaction, classify, classify_each, released, speaking_for
+from sendd.db.claims import MARK_SUBMITTED
+from sendd.db.retry import retrying
 from sendd.leases import LEASE_MARGIN
-from sendd.model import (
-    FAILED,
-    RELEASE,
-    RETRY,
-    SENT,
-    UNKNOWN,
-    Batch,
-    BatchResult,
-    Message,
-    Outcome,
-    Unsettled,
-)
+from sendd.metrics import Metrics
+from sendd.model import Batch, BatchResult, Unsettled
 from sendd.providers import base
-from sendd.runtime import Runtime
+from sendd.state.accounts import Accounts
+from sendd.state.controls import Controls
+from sendd.state.health import Health
+from sendd.state.lease import Lease, LeaseLost
 
-# Only while this instance holds its lease (with `$4` seconds to spare), still holds every
-# message's claim, and no campaign of the batch was cancelled or paused. A campaign claim commits
-# without waiting for the disk (sendd.actors.poller), so a PostgreSQL crash right after it can
-# undo it while its batch is already in our memory; the messages are then queued again, and a
-# mark written for them would let us send what another claim may send too.
-# The campaigns are read FOR KEY SHARE: `sendd campaign cancel` and `pause` lock the campaign
-# FOR UPDATE first, so either this mark waits for them and then sees the new status, or they
-# wait for this mark's commit and then see the mark (and leave its messages alone: they are on
-# their way). KEY SHARE does not wait for the writer's counter updates.
-# (One statement: the mark, or why not: `alive` false, the lease ended; `held` false, some claim
-# of the batch was undone; `stopped`, a campaign of it is no longer sending.)
-MARK_SUBMITTED = """
-WITH lease AS (
-    SELECT i.lease_until > now() + make_interval(secs => $4) AS covers FROM sendd.instance i
-    WHERE i.id = $1 AND i.stopped_at IS NULL AND i.lease_until > now()
-), held AS (
-    SELECT count(*) = cardinality($3::bigint[]) AS all_ours FROM sendd.message m
-    WHERE m.id = ANY($3::bigint[]) AND m.lease_owner = $1
-), campaign AS (
-    SELECT c.status FROM sendd.campaign c WHERE c.id = ANY($5::bigint[]) FOR KEY SHARE
-), stopped AS (
-    SELECT coalesce(bool_or(status IN ('cancelled', 'paused')), false) AS campaign_stopped
-    FROM campaign
-), mark AS (
-    INSERT INTO sendd.submission (instance_id, account, message_ids)
-    SELECT $1, $2, $3::bigint[]
-    WHERE (SELECT covers FROM lease) AND (SELECT all_ours FROM held)
-      AND NOT (SELECT campaign_stopped FROM stopped)
-    RETURNING id
-)
-SELECT (SELECT id FROM mark) AS id, EXISTS (SELECT 1 FROM lease) AS alive,
-       (SELECT all_ours FROM held) AS held, (SELECT campaign_stopped FROM stopped) AS stopped
-"""
+log = structlog.get_logger()
+
 LEASE_WAIT = 0.05  # seconds between marks while the lease waits for its renewal
 # How late after its rate grant a request may still leave on that grant: the governor's
 # windows are 50 ms longer than a second (ratelimit.GUARD_WINDOW) to absorb such delays.
@@ -71,14 +36,222 @@ GRANT_SLACK = 0.025
 REGRANT_WAIT = 1.0
 LOCAL_PAUSE = 1.0  # seconds a sender rests after this machine failed to open a connection
 
+Sent = list[BatchResult | Unsettled]
 
-class LeaseLost(Exception):
-    """This daemon's lease ended (e.g. the database was away too long): its claims may already
-    belong to another daemon, so it must not send them. The daemon exits and restarts."""
+
+@dataclass
+class Sender:
+    """What a sender touches: the database (marks), the lease (fencing), the accounts (provider,
+    governor, breaker), the configuration in force, health and metrics."""
+
+    pool: Any
+    lease: Lease
+    accounts: Accounts
+    controls: Controls
+    health: Health
+    metrics: Metrics
+
+    async def send_batch(self, batch: Batch) -> Sent:
+        """One batch through breaker, governor, mark (unless it has one) and provider; a 413
+        splits it and sends the halves.
+
+        The mark comes after the governor's wait, so that a batch waiting for its rate is still
+        only claimed (a cancel or pause takes it back, and a crash puts it back untouched); the
+        grant is renewed if the mark made the request late for it (GRANT_SLACK).
+        """
+        if not self.accounts.may_send(batch.account):
+            return [released(batch)]  # put back at once, not after a wait for the rate
+        settings = self.controls.account(batch.account)
+        # Waiting for the rate governor is not being wedged (a 429 can ask for minutes).
+        waited = await self._rate_grant(batch)
+        granted = trio.current_time()
+        ticket = self.accounts.breakers.admit(batch.account, granted,
+                                              settings.timeout + LEASE_MARGIN)
+        if ticket.admission is Admission.HOLD:
+            return [released(batch)]  # the provider went away while this batch waited
+        results: Sent = []
+        if ticket.probe and len(batch.messages) > 1:
+            # One message tells whether the provider is back; the rest waits in the queue.
+            results.append(released(Batch(batch.account, batch.tenant_id, batch.messages[1:],
+                                           batch.submission_id)))
+            batch = Batch(batch.account, batch.tenant_id, batch.messages[:1])
+        if not await self._mark(batch, ticket):
+            return [*results, released(batch)]  # the writer puts back only what is still ours
+        with self.health.working("sender"):
+            await self.lease.wait_until_covers(settings.timeout + LEASE_MARGIN)
+        regrant = await self._regrant(batch, granted)
+        if regrant is None:
+            return [*results, released(batch)]  # a 429 came in: it waits unmarked, queued
+        return [*results, *await self._request(batch, ticket, waited + regrant)]
+
+    async def _rate_grant(self, batch: Batch) -> float:
+        return await self.accounts.governor.acquire(
+            batch.account, batch.tenant_id, len(batch.messages), requests=self._requests(batch))
+
+    def _requests(self, batch: Batch) -> int:
+        """Requests the batch takes: one, or one per message for a single-message account."""
+        return len(batch.messages) if self.controls.account(batch.account).single else 1
+
+    async def _regrant(self, batch: Batch, granted: float) -> float | None:
+        """Seconds waited for a new grant when the mark made the batch late for its own; None
+        when that would take longer than REGRANT_WAIT (a 429's Retry-After came in)."""
+        if trio.current_time() - granted <= GRANT_SLACK:
+            return 0.0
+        wait = self.accounts.governor.reserve(
+            batch.account, batch.tenant_id, len(batch.messages),
+            requests=self._requests(batch)) - trio.current_time()
+        if wait > REGRANT_WAIT:
+            return None
+        await trio.sleep(max(0.0, wait))
+        return max(0.0, wait)
+
+    async def _mark(self, batch: Batch, ticket: Ticket) -> bool:
+        """Make sure the batch has its durable mark (express batches come marked by their
+        claim); False when it must not be sent."""
+        if batch.submission_id is not None:
+            return True
+        with self.health.working("sender"):
+            batch.submission_id, refusal = await self.mark_submitted(batch)
+        if batch.submission_id is None:
+            self.accounts.breakers.abandoned(batch.account, ticket)
+            log.warning(refusal, account=batch.account, tenant=batch.tenant_id,
+                        size=len(batch.messages))
+            return False
+        return True
+
+    async def mark_submitted(self, batch: Batch) -> tuple[int | None, str]:
+        """Write the durable mark before the request, fenced by this daemon's lease and claims;
+        (None, why) if it must not be sent: a claim of the batch was undone (a PostgreSQL
+        crash, a cancel), or a campaign of it was cancelled or paused.
+
+        While the database is away this waits (and the pipeline behind it stops); the
+        heartbeat decides when the outage has outlived the lease.
+        """
+        needed = self.controls.account(batch.account).timeout + LEASE_MARGIN
+        args = (self.lease.instance_id, batch.account, [m.id for m in batch.messages], needed,
+                sorted({m.campaign_id for m in batch.messages if m.campaign_id is not None}))
+        while True:
+            answer = await retrying(self.pool, lambda conn: conn.fetchrow(MARK_SUBMITTED, *args),
+                                    health=self.health, actor="sender",
+                                    trouble="cannot write submission marks", event="mark_retry")
+            if answer["id"] is not None:
+                return answer["id"], ""
+            if not answer["alive"]:
+                raise LeaseLost(f"lease of instance {self.lease.instance_id} ended; not sending")
+            if answer["stopped"]:
+                return None, "campaign_stopped"
+            if not answer["held"]:
+                return None, "claim_lost"
+            # The lease is alive but has less than timeout + margin left (the heartbeat is
+            # due): wait for the renewal rather than send uncovered or give the lease up.
+            await trio.sleep(LEASE_WAIT)
+
+    async def _request(self, batch: Batch, ticket: Ticket, waited: float) -> Sent:
+        """Call the provider and turn its answers into results."""
+        settings = self.controls.account(batch.account)
+        with self.health.working("sender"):
+            started = time.time()  # wall clock: logged, so rates can be checked from the log
+            request_started = trio.current_time()
+            provider = self.accounts.providers[batch.account]
+            if settings.single:
+                responses = await provider.send_each(batch.messages)
+            else:
+                responses = [await provider.send(batch.messages)]
+        self._note_availability(batch.account, ticket, responses)
+        response = speaking_for(responses)
+        self.metrics.rate_wait.observe(waited)
+        self.metrics.provider_request.labels(batch.account).observe(
+            trio.current_time() - request_started)
+        self.metrics.batch_size.observe(len(batch.messages))
+        if response.kind == base.TOO_LARGE and not settings.single and len(batch.messages) > 1:
+            return [BatchResult(batch.submission_id), *await self._split(batch)]
+        if response.kind == base.AMBIGUOUS:
+            # (For one-message requests: any ambiguous one sends the whole batch to be looked
+            # up, reference by reference; the ones answered are found as they were answered.)
+            _log_batch(batch, response, [], started)
+            # Give the provider as long again as we waited for it before looking them up.
+            not_before = trio.current_time() + settings.timeout
+            return [Unsettled(batch.submission_id, batch.account, batch.messages, not_before)]
+        retry = self.controls.config.retry
+        outcomes, reaction = (classify_each(batch, responses, retry) if settings.single
+                              else classify(batch, response, retry))
+        self._apply(batch.account, reaction)
+        _log_batch(batch, response, outcomes, started)
+        if any(r.kind == base.LOCAL for r in responses):
+            await self._local_trouble(response.error)
+        return [BatchResult(batch.submission_id, outcomes)]
+
+    def _apply(self, account: str, reaction: Reaction) -> None:
+        """What the answers mean for the account: suspension, slowing down, speeding up."""
+        if reaction.suspend is not None:
+            self.accounts.suspended[account] = reaction.suspend
+            log.error("account_suspended", account=account, reason=reaction.suspend)
+        if reaction.throttled:
+            self.accounts.governor.penalize(account, reaction.retry_after)
+        elif reaction.accepted:
+            self.accounts.governor.reward(account)
+
+    async def _split(self, batch: Batch) -> Sent:
+        half = len(batch.messages) // 2
+        new_max = self.accounts.shrink_batches(batch.account, half)
+        log.warning("batch_too_large", account=batch.account, size=len(batch.messages),
+                    new_max=new_max)
+        results: Sent = []
+        for part in (batch.messages[:half], batch.messages[half:]):
+            results += await self.send_batch(Batch(batch.account, batch.tenant_id, part))
+        return results
+
+    async def _local_trouble(self, error: str) -> None:
+        """This machine could not open a connection (no file descriptors): the messages went
+        back to the queue with no attempt used; pause this sender a moment rather than spin."""
+        self.health.report_problem("sender", f"cannot open provider connections: {error}")
+        log.error("sender_local_failure", error=error, pause=LOCAL_PAUSE)
+        await trio.sleep(LOCAL_PAUSE)
+
+    def _note_availability(self, account: str, ticket: Ticket,
+                           responses: list[base.SendResponse]) -> None:
+        if note_availability(self.accounts, account, ticket, responses):
+            self.controls.wake_pollers()
+
+
+def note_availability(accounts: Accounts, account: str, ticket: Ticket,
+                      responses: list[base.SendResponse]) -> bool:
+    """What the answers say about the provider being there: any answer at all means it is
+    (whatever it said); none means it is unreachable (or too slow to trust with more).
+    True when the account just recovered."""
+    breakers, now = accounts.breakers, trio.current_time()
+    kinds = {r.kind for r in responses}
+    failed = next((r for r in responses if r.kind in (base.AMBIGUOUS, base.UNAVAILABLE)), None)
+    if kinds - {base.AMBIGUOUS, base.UNAVAILABLE, base.LOCAL}:
+        if breakers.answered(account, ticket):
+            log.info("account_recovered", account=account)
+            return True
+    elif failed is None:  # only our own trouble: nothing learned about the provider
+        breakers.abandoned(account, ticket)
+    elif base.AMBIGUOUS in kinds:
+        if breakers.ambiguous(account, ticket, failed.error, now):
+            _log_breaker(accounts, account, "no answer in time")
+    elif breakers.unavailable(account, ticket, failed.error, now):
+        _log_breaker(accounts, account, "unreachable")
+    return False
+
+
+def _log_breaker(accounts: Accounts, account: str, why: str) -> None:
+    breaker = accounts.breakers.get(account)
+    next_probe = max(0.0, breaker.retry_at - trio.current_time())
+    if breaker.state is State.HALF_OPEN:
+        log.warning("account_probing", account=account, why=why, reason=breaker.reason)
+    elif breaker.failures == 1:
+        log.warning("account_unavailable", account=account, why=why,
+                    reason=breaker.reason, next_probe_s=round(next_probe, 1))
+    else:
+        log.info("account_probe_failed", account=account, why=why,
+                 reason=breaker.reason, failures=breaker.failures,
+                 next_probe_s=round(next_probe, 1))
 
 
 async def run_sender(
-    runtime: Runtime,
+    sender: Sender,
     batches: trio.MemoryReceiveChannel[Batch],
     results: trio.MemorySendChannel[BatchResult],
     unsettled: trio.MemorySendChannel[Unsettled],
@@ -88,326 +261,24 @@ async def run_sender(
     async with batches, results, unsettled:
         task_status.started()
         async for batch in batches:
-            for result in await send_batch(runtime, batch):
+            for result in await sender.send_batch(batch):
                 if isinstance(result, Unsettled):
-                    await hand_to_settler(runtime, unsettled, result)
+                    await hand_to_settler(unsettled, result)
                 else:
                     await results.send(result)
 
 
-async def hand_to_settler(runtime: Runtime, unsettled: trio.MemorySendChannel[Unsettled],
-                          item: Unsettled) -> None:
+async def hand_to_settler(unsettled: trio.MemorySendChannel[Unsettled], item: Unsettled) -> None:
     try:
         await unsettled.send(item)
     except trio.BrokenResourceError:
         # Draining: the settler is gone. The mark stays open and the messages stay leased, so
         # whichever daemon adopts this instance's work settles them.
-        runtime.log.warning("settlement_deferred", batch=item.submission_id)
+        log.warning("settlement_deferred", batch=item.submission_id)
 
 
-async def send_batch(runtime: Runtime, batch: Batch) -> list[BatchResult | Unsettled]:
-    """One batch through governor, breaker, mark (unless it has one) and provider; a 413
-    splits it and sends the halves.
-
-    The mark comes after the governor's wait, so that a batch waiting for its rate is still
-    only claimed (a cancel or pause takes it back, and a crash puts it back untouched); the
-    grant is renewed if the mark made the request late for it (GRANT_SLACK).
-    """
-    account = runtime.config.accounts[batch.account]
-    if batch.account in runtime.suspended or not runtime.breakers.may_claim(
-            batch.account, trio.current_time()):
-        return [released(batch)]  # put back at once, not after a wait for the rate
-    single = account.single
-    # Waiting for the rate governor is not being wedged (a 429 can ask for minutes).
-    waited = await _rate_grant(runtime, batch, single)
-    granted = trio.current_time()
-    ticket = runtime.breakers.admit(batch.account, granted, account.timeout + LEASE_MARGIN)
-    if ticket.admission is Admission.HOLD:
-        return [released(batch)]  # the provider went away while this batch waited
-    results: list[BatchResult | Unsettled] = []
-    if ticket.probe and len(batch.messages) > 1:
-        # One message tells whether the provider is back; the rest waits in the queue.
-        results.append(released(Batch(batch.account, batch.tenant_id, batch.messages[1:],
-                                       batch.submission_id)))
-        batch = Batch(batch.account, batch.tenant_id, batch.messages[:1])
-    if batch.submission_id is None:  # express batches come marked by their claim
-        with runtime.working("sender"):
-            batch.submission_id, refusal = await mark_submitted(runtime, batch)
-        if batch.submission_id is None:
-            runtime.breakers.abandoned(batch.account, ticket)
-            runtime.log.warning(refusal, account=batch.account, tenant=batch.tenant_id,
-                                size=len(batch.messages))
-            return [*results, released(batch)]  # the writer puts back only what is still ours
-    with runtime.working("sender"):
-        await wait_for_lease(runtime, account.timeout + LEASE_MARGIN)
-    if trio.current_time() - granted > GRANT_SLACK:  # late for its grant: a new one
-        regrant = _rate_reserve(runtime, batch, single) - trio.current_time()
-        if regrant > REGRANT_WAIT:
-            # A 429 came in meanwhile: wait for it unmarked, back in the queue.
-            return [*results, released(batch)]
-        await trio.sleep(max(0.0, regrant))
-        waited += max(0.0, regrant)
-    with runtime.working("sender"):
-        started = time.time()  # wall clock: logged, so rates can be checked from the log
-        request_started = trio.current_time()
-        provider = runtime.providers[batch.account]
-        if single:
-            responses = await provider.send_each(batch.messages)
-        else:
-            responses = [await provider.send(batch.messages)]
-    note_availability(runtime, batch.account, ticket, responses)
-    response = speaking_for(responses)
-    # Metrics (sendd.http.metrics): rate wait, request time, batch size.
-    runtime.metrics.rate_wait.observe(waited)
-    runtime.metrics.provider_request.labels(batch.account).observe(
-        trio.current_time() - request_started)
-    runtime.metrics.batch_size.observe(len(batch.messages))
-    if response.kind == base.TOO_LARGE and not single and len(batch.messages) > 1:
-        return [*results, BatchResult(batch.submission_id), *await _split(runtime, batch)]
-    if response.kind == base.AMBIGUOUS:
-        # (For one-message requests: any ambiguous one sends the whole batch to be looked up,
-        # reference by reference; the ones answered are found as they were answered.)
-        _log_batch(runtime, batch, response, [], started)
-        # Give the provider as long again as we waited for it before looking references up.
-        not_before = trio.current_time() + account.timeout
-        return [*results, Unsettled(batch.submission_id, batch.account, batch.messages,
-                                    not_before)]
-    outcomes = (classify_each(runtime, batch, responses) if single
-                else classify(runtime, batch, response))
-    _log_batch(runtime, batch, response, outcomes, started)
-    if any(r.kind == base.LOCAL for r in responses):
-        await _local_trouble(runtime, response.error)
-    return [*results, BatchResult(batch.submission_id, outcomes)]
-
-
-async def _rate_grant(runtime: Runtime, batch: Batch, single: bool) -> float:
-    return await runtime.governor.acquire(batch.account, batch.tenant_id, len(batch.messages),
-                                          requests=_requests(batch, single))
-
-
-def _rate_reserve(runtime: Runtime, batch: Batch, single: bool) -> float:
-    return runtime.governor.reserve(batch.account, batch.tenant_id, len(batch.messages),
-                                    requests=_requests(batch, single))
-
-
-def _requests(batch: Batch, single: bool) -> int:
-    """Requests the batch takes: one, or one per message for a single-message account."""
-    return len(batch.messages) if single else 1
-
-
-async def _local_trouble(runtime: Runtime, error: str) -> None:
-    """This machine could not open a connection (no file descriptors): the messages went back
-    to the queue with no attempt used; pause this sender a moment rather than spin."""
-    runtime.report_problem("sender", f"cannot open provider connections: {error}")
-    runtime.log.error("sender_local_failure", error=error, pause=LOCAL_PAUSE)
-    await trio.sleep(LOCAL_PAUSE)
-
-
-def note_availability(runtime: Runtime, account: str, ticket: Ticket,
-                      responses: list[base.SendResponse]) -> None:
-    """What the answers say about the provider being there: any answer at all means it is
-    (whatever it said); none means it is unreachable (or too slow to trust with more)."""
-    breakers, now = runtime.breakers, trio.current_time()
-    kinds = {r.kind for r in responses}
-    failed = next((r for r in responses if r.kind in (base.AMBIGUOUS, base.UNAVAILABLE)), None)
-    if kinds - {base.AMBIGUOUS, base.UNAVAILABLE, base.LOCAL}:
-        if breakers.answered(account, ticket):
-            runtime.log.info("account_recovered", account=account)
-            runtime.wake_poller()
-    elif failed is None:  # only our own trouble: nothing learned about the provider
-        breakers.abandoned(account, ticket)
-    elif base.AMBIGUOUS in kinds:
-        if breakers.ambiguous(account, ticket, failed.error, now):
-            _log_breaker(runtime, account, "no answer in time")
-    elif breakers.unavailable(account, ticket, failed.error, now):
-        _log_breaker(runtime, account, "unreachable")
-
-
-def _log_breaker(runtime: Runtime, account: str, why: str) -> None:
-    breaker = runtime.breakers.get(account)
-    next_probe = max(0.0, breaker.retry_at - trio.current_time())
-    if breaker.state is State.HALF_OPEN:
-        runtime.log.warning("account_probing", account=account, why=why, reason=breaker.reason)
-    elif breaker.failures == 1:
-        runtime.log.warning("account_unavailable", account=account, why=why,
-                            reason=breaker.reason, next_probe_s=round(next_probe, 1))
-    else:
-        runtime.log.info("account_probe_failed", account=account, why=why,
-                         reason=breaker.reason, failures=breaker.failures,
-                         next_probe_s=round(next_probe, 1))
-
-
-def released(batch: Batch) -> BatchResult:
-    """The batch put back untouched (it never left); closes its mark, if it has one."""
-    return BatchResult(batch.submission_id,
-                       [Outcome(m, RELEASE, counts_attempt=False) for m in batch.messages])
-
-
-def speaking_for(responses: list[base.SendResponse]) -> base.SendResponse:
-    """The answer that decides for a batch sent as several requests: an ambiguous one first
-    (then every message is looked up: none may be resent unseen), else the first that is not
-    OK, else the first."""
-    for response in responses:
-        if response.kind == base.AMBIGUOUS:
-            return response
-    return next((r for r in responses if r.kind != base.OK), responses[0])
-
-
-async def wait_for_lease(runtime: Runtime, needed: float) -> None:
-    """Hold a request until the lease surely outlives it (the heartbeat renews it often)."""
-    while runtime.lease_valid_until - trio.current_time() < needed:
-        await trio.sleep(LEASE_WAIT)
-
-
-async def mark_submitted(runtime: Runtime, batch: Batch) -> tuple[int | None, str]:
-    """Write the durable mark before the request, fenced by this daemon's lease and claims;
-    (None, why) if it must not be sent: a claim of the batch was undone (a PostgreSQL crash, a
-    cancel), or a campaign of it was cancelled or paused.
-
-    While the database is away this waits (and the pipeline behind it stops); the heartbeat
-    decides when the outage has outlived the lease.
-    """
-    timeout = runtime.config.accounts[batch.account].timeout
-    ids = [m.id for m in batch.messages]
-    campaigns = sorted({m.campaign_id for m in batch.messages if m.campaign_id is not None})
-    failures = 0
-    while True:
-        mark = None
-        try:
-            async with runtime.pool.acquire() as conn:
-                answer = await conn.fetchrow(MARK_SUBMITTED, runtime.instance_id, batch.account,
-                                             ids, timeout + LEASE_MARGIN, campaigns)
-                mark = answer["id"]
-                if mark is not None:
-                    return mark, ""
-        except RETRYABLE_ERRORS as error:
-            if mark is not None:
-                return mark, ""  # written; only giving the connection back failed
-            failures += 1
-            runtime.report_problem("sender", f"cannot write submission marks: {error}")
-            runtime.log.warning("mark_retry", error=str(error) or type(error).__name__)
-            await trio.sleep(retry_delay(min(failures, 6), base=0.2, cap=5.0))
-            continue
-        if not answer["alive"]:
-            raise LeaseLost(f"lease of instance {runtime.instance_id} ended; not sending")
-        if answer["stopped"]:
-            return None, "campaign_stopped"
-        if not answer["held"]:
-            return None, "claim_lost"
-        # The lease is alive but has less than timeout + margin left (the heartbeat is due):
-        # wait for the renewal rather than send uncovered or give the lease up.
-        await trio.sleep(LEASE_WAIT)
-
-
-async def _split(runtime: Runtime, batch: Batch) -> list[BatchResult]:
-    half = len(batch.messages) // 2
-    runtime.batch_cap[batch.account] = min(runtime.batch_cap.get(batch.account, half), half)
-    runtime.log.warning("batch_too_large", account=batch.account, size=len(batch.messages),
-                        new_max=runtime.batch_cap[batch.account])
-    results = []
-    for part in (batch.messages[:half], batch.messages[half:]):
-        results += await send_batch(runtime, Batch(batch.account, batch.tenant_id, part))
-    return results
-
-
-def classify(runtime: Runtime, batch: Batch, response: base.SendResponse) -> list[Outcome]:
-    """Per-message outcomes for a provider response (PROVIDERS.md's table)."""
-    react(runtime, batch.account, [response])
-    return outcomes_of(runtime, batch.messages, response, provider_up=False)
-
-
-def classify_each(runtime: Runtime, batch: Batch,
-                  responses: list[base.SendResponse]) -> list[Outcome]:
-    """Outcomes of one-message requests sent together: each message by its own response; the
-    account reacts once (one 429 among fifty halves the rate once, not fifty times). A 5xx
-    beside answers to the others is about its own message, and uses an attempt."""
-    react(runtime, batch.account, responses)
-    provider_up = any(r.kind not in PROVIDER_AWAY for r in responses)
-    outcomes = []
-    for message, response in zip(batch.messages, responses, strict=True):
-        outcomes += outcomes_of(runtime, [message], response, provider_up)
-    return outcomes
-
-
-# Answers that say nothing about the message: the provider, or this machine, was not there.
-PROVIDER_AWAY = frozenset({base.UNAVAILABLE, base.AMBIGUOUS, base.LOCAL})
-
-
-def react(runtime: Runtime, account: str, responses: list[base.SendResponse]) -> None:
-    """What the answers mean for the account: suspension, slowing down, speeding up again."""
-    by_kind = {r.kind: r for r in responses}  # the last response of each kind
-    if base.SUSPEND in by_kind:
-        reason = by_kind[base.SUSPEND].error
-        runtime.suspended[account] = reason
-        runtime.log.error("account_suspended", account=account, reason=reason)
-    if base.THROTTLED in by_kind:
-        waits = [r.retry_after for r in responses
-                 if r.kind == base.THROTTLED and r.retry_after is not None]
-        runtime.governor.penalize(account, max(waits) if waits else None)
-    elif base.OK in by_kind:
-        runtime.governor.reward(account)
-
-
-def outcomes_of(runtime: Runtime, messages: list[Message], response: base.SendResponse,
-                provider_up: bool) -> list[Outcome]:
-    """The messages' outcomes under one answer to the request that carried them. Attempts
-    count only answers about the messages themselves (`provider_up`: other requests of the
-    same batch were answered, so an unavailable one is about its own message)."""
-    retry = runtime.config.retry
-    kind = response.kind
-    if kind == base.OK:
-        return accepted_or_rejected(messages, response)
-    if kind in (base.SUSPEND, base.LOCAL):
-        return [Outcome(m, RELEASE, counts_attempt=False) for m in messages]
-    if kind == base.THROTTLED:
-        wait = response.retry_after if response.retry_after is not None else retry.base_delay
-        return [
-            Outcome(m, RETRY, error_code="HTTP_429", error_text=response.error, retry_in=wait,
-                    counts_attempt=False)
-            for m in messages
-        ]
-    if kind == base.FAILED:
-        return [Outcome(m, FAILED, error_code="HTTP_400", error_text=response.error)
-                for m in messages]
-    if kind == base.TOO_LARGE:  # one message too large for the provider
-        return [retry_or_fail(m, "HTTP_413", response.error, retry) for m in messages]
-    if provider_up:
-        return [retry_or_fail(m, "UNAVAILABLE", response.error, retry) for m in messages]
-    # The provider is away (its breaker holds the account back once that is sure): the
-    # messages wait queued, with no attempt used.
-    delay = retry_delay(1, base=retry.base_delay, cap=retry.max_delay, jitter=retry.jitter)
-    return [Outcome(m, RETRY, error_code="UNAVAILABLE", error_text=response.error,
-                    retry_in=delay, counts_attempt=False) for m in messages]
-
-
-def accepted_or_rejected(messages: list[Message], response: base.SendResponse) -> list[Outcome]:
-    by_reference = {r.reference: r for r in response.results}
-    outcomes = []
-    for message in messages:
-        result = by_reference.get(message.reference)
-        if result is None:
-            # The provider answered but said nothing of this message: it may have been sent.
-            outcomes.append(Outcome(message, UNKNOWN, error_code="MISSING_RESULT",
-                                    error_text="the provider's answer did not list it"))
-        elif result.accepted:  # the common case, positionally: the hot path
-            outcomes.append(Outcome(message, SENT, response.bulk_id, result.message_id))
-        else:
-            outcomes.append(Outcome(message, FAILED, bulk_id=response.bulk_id,
-                                    error_code=result.error_code, error_text=result.error_text))
-    return outcomes
-
-
-def retry_or_fail(message: Message, code: str, error: str, retry: RetryConfig) -> Outcome:
-    """Retry with backoff, or fail with the last error once the attempts are used up."""
-    attempts = message.attempts + 1
-    if attempts >= retry.max_attempts:
-        return Outcome(message, FAILED, error_code=code, error_text=error)
-    delay = retry_delay(attempts, base=retry.base_delay, cap=retry.max_delay, jitter=retry.jitter)
-    return Outcome(message, RETRY, error_code=code, error_text=error, retry_in=delay)
-
-
-def _log_batch(runtime: Runtime, batch: Batch, response: base.SendResponse,
-               outcomes: list[Outcome], started: float) -> None:
+def _log_batch(batch: Batch, response: base.SendResponse, outcomes: list[Any],
+               started: float) -> None:
     counts: dict[str, int] = {}
     for outcome in outcomes:
         counts[outcome.status] = counts.get(outcome.status, 0) + 1
@@ -419,6 +290,6 @@ def _log_batch(runtime: Runtime, batch: Batch, response: base.SendResponse,
         **counts,
     }
     if response.kind == base.OK:
-        runtime.log.info("batch_sent", **fields)
+        log.info("batch_sent", **fields)
     else:
-        runtime.log.warning("batch_not_sent", outcome=response.kind, error=response.error, **fields)
+        log.warning("batch_not_sent", outcome=response.kind, error=response.error, **fields)

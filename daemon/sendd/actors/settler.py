@@ -10,20 +10,34 @@ settlement window closes leaves the message `unknown`, with the reason.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import structlog
 import trio
 
-from sendd.actors.sender import retry_or_fail
+from sendd.core.outcomes import retry_or_fail
 from sendd.model import RETRY, SENT, UNKNOWN, BatchResult, Message, Outcome, Unsettled
 from sendd.providers.base import LookupResult
-from sendd.runtime import Runtime
+from sendd.state.accounts import Accounts
+from sendd.state.controls import Controls
+
+log = structlog.get_logger()
 
 SETTLE_WORKERS = 4
 LOOKUP_CONCURRENCY = 32
 LOOKUP_RETRY = 1.0  # seconds between lookups of a reference whose lookup failed
 
 
+@dataclass
+class Settler:
+    """What settling reads: the providers (lookups) and the configuration in force."""
+
+    accounts: Accounts
+    controls: Controls
+
+
 async def run_settler(
-    runtime: Runtime,
+    settler: Settler,
     unsettled: trio.MemoryReceiveChannel[Unsettled],
     results: trio.MemorySendChannel[BatchResult],
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -35,7 +49,7 @@ async def run_settler(
                      send: trio.MemorySendChannel[BatchResult]) -> None:
         async with receive, send:
             async for item in receive:
-                await send.send(await settle(runtime, item, limiter))
+                await send.send(await settle(settler, item, limiter))
 
     async with results, unsettled, trio.open_nursery() as nursery:
         for _ in range(SETTLE_WORKERS):
@@ -43,37 +57,40 @@ async def run_settler(
         task_status.started()
 
 
-async def settle(runtime: Runtime, item: Unsettled, limiter: trio.CapacityLimiter) -> BatchResult:
-    account = runtime.config.accounts.get(item.account)
+async def settle(settler: Settler, item: Unsettled,
+                 limiter: trio.CapacityLimiter) -> BatchResult:
+    """Outcomes for a mark's messages: resent (idempotent references) or looked up."""
+    config = settler.controls.config
+    account = config.accounts.get(item.account)
     if account is not None and account.idempotent_references:
         # The provider never sends one reference twice: resending is safe.
         outcomes = [Outcome(m, RETRY, error_code="AMBIGUOUS", error_text="resent: idempotent "
                             "references", counts_attempt=False) for m in item.messages]
         return BatchResult(item.submission_id, outcomes)
     await trio.sleep_until(item.not_before)
-    deadline = trio.current_time() + runtime.config.pipeline.settle_seconds
+    deadline = trio.current_time() + config.pipeline.settle_seconds
     outcomes: list[Outcome] = []
 
     async def settle_one(message: Message) -> None:
         async with limiter:
-            outcomes.append(await settle_message(runtime, item.account, message, deadline))
+            outcomes.append(await settle_message(settler, item.account, message, deadline))
 
     async with trio.open_nursery() as nursery:
         for message in item.messages:
             nursery.start_soon(settle_one, message)
     counts = {s: sum(1 for o in outcomes if o.status == s) for s in (SENT, RETRY, UNKNOWN)}
-    runtime.log.info("batch_settled", batch=item.submission_id, account=item.account, **counts)
+    log.info("batch_settled", batch=item.submission_id, account=item.account, **counts)
     return BatchResult(item.submission_id, outcomes)
 
 
-async def settle_message(runtime: Runtime, account: str, message: Message,
+async def settle_message(settler: Settler, account: str, message: Message,
                          deadline: float) -> Outcome:
     """Look the reference up until the provider tells, or the window closes. Time the provider
     cannot be reached at all (refused, 502/503/504: an outage) does not use the window up, for
     as long as an outage may last before its campaigns are paused (`retry.provider_down_pause`)."""
-    provider = runtime.providers.get(account)
+    provider = settler.accounts.providers.get(account)
     result = LookupResult(None, error=f"account {account!r} is not configured here")
-    patience = trio.current_time() + runtime.config.retry.provider_down_pause
+    patience = trio.current_time() + settler.controls.config.retry.provider_down_pause
     while provider is not None:
         result = await provider.lookup(message.reference)
         now = trio.current_time()
@@ -87,6 +104,6 @@ async def settle_message(runtime: Runtime, account: str, message: Message,
     if result.found is False:
         # The provider never accepted it: sending again cannot duplicate it.
         return retry_or_fail(message, "NOT_ACCEPTED", "unknown to the provider after an "
-                             "ambiguous send", runtime.config.retry)
+                             "ambiguous send", settler.controls.config.retry)
     return Outcome(message, UNKNOWN, error_code="UNSETTLED",
                    error_text=f"could not settle within the settlement window: {result.error}")

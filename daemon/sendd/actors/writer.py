@@ -17,12 +17,17 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import asyncpg
+import structlog
 import trio
 
-from sendd.core.backoff import retry_delay
-from sendd.db.connection import RETRYABLE_ERRORS
+from sendd.config import PipelineConfig
+from sendd.db.retry import retrying
+from sendd.errors import describe
+from sendd.metrics import Metrics
 from sendd.model import FAILED, RELEASE, RETRY, SENT, UNKNOWN, BatchResult, Outcome
-from sendd.runtime import Runtime
+from sendd.state.health import Health
+
+log = structlog.get_logger()
 
 STORED_STATUS = {SENT: "sent", FAILED: "failed", RETRY: "queued", RELEASE: "queued",
                  UNKNOWN: "unknown"}
@@ -90,13 +95,30 @@ async def write_outcomes(conn: Any, instance_id: str, marks: list[int],
     return int(status.split()[-1])
 
 
+@dataclass
+class Store:
+    """What the writer touches: the database, this instance's id (its marks), health (problems,
+    stored outcomes) and metrics."""
+
+    pool: Any
+    instance_id: str
+    health: Health
+    metrics: Metrics
+
+    async def until_committed(self, write: Callable[[Any], Awaitable[int]]) -> int:
+        """`write(conn)` on a pooled connection, again and again while the database is away
+        (a refusal for the data, DATA_ERRORS, is raised: the same rows fail the same way)."""
+        return await retrying(self.pool, write, health=self.health, actor="writer",
+                              trouble="cannot store results", event="writer_retry")
+
+
 async def run_writer(
-    runtime: Runtime,
+    store: Store,
+    pipeline: PipelineConfig,
     results: trio.MemoryReceiveChannel[BatchResult],
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Flush results until the results channel ends and everything pending is stored."""
-    pipeline = runtime.config.pipeline
     linger = pipeline.writer_flush_ms / 1000
     pending: list[BatchResult] = []
     size = 0
@@ -107,7 +129,7 @@ async def run_writer(
             try:
                 result = await results.receive()
             except trio.EndOfChannel:
-                await flush(runtime, pending)
+                await flush(store, pending)
                 return
         if not waiting.cancelled_caught:
             if not pending:
@@ -116,65 +138,43 @@ async def run_writer(
             size += len(result.outcomes)
             if size < pipeline.writer_max_results:
                 continue
-        await flush(runtime, pending)
+        await flush(store, pending)
         pending, size, flush_at = [], 0, float("inf")
 
 
-async def flush(runtime: Runtime, pending: list[BatchResult]) -> None:
+async def flush(store: Store, pending: list[BatchResult]) -> None:
     """Write until it succeeds: a database outage delays results, never loses them."""
     if not pending:
         return
-    with runtime.working("writer"):
-        await _write_until_stored(runtime, pending)
+    with store.health.working("writer"):
+        await _write_until_stored(store, pending)
 
 
-async def _write_until_stored(runtime: Runtime, pending: list[BatchResult]) -> None:
+async def _write_until_stored(store: Store, pending: list[BatchResult]) -> None:
     flush_started = trio.current_time()  # for sendd_writer_flush_seconds
     apart = Apart()
     try:
         try:
-            written = await _until_committed(
-                runtime, lambda conn: write_results(conn, runtime.instance_id, pending))
+            written = await store.until_committed(
+                lambda conn: write_results(conn, store.instance_id, pending))
         except DATA_ERRORS as error:
-            written = await store_apart(runtime, pending, error, apart)
+            written = await store_apart(store, pending, error, apart)
     except Exception:
         # Neither the database being away (retried) nor the data (stored apart): a bug or a
         # broken schema. The writer crashes and drops its results, so it first hands their marks
         # over for settlement, or their messages would stay `sending` until this daemon stops.
-        await _hand_over_unstored(runtime, pending, apart)
+        await _hand_over_unstored(store, pending, apart)
         raise
     refused = apart.refused_ids()
     stored = [o for r in pending for o in r.outcomes if o.message.id not in refused]
-    # Metrics (sendd.http.metrics): flush time and size; outcomes counted once stored, which covers
+    # Metrics (sendd.metrics): flush time and size; outcomes counted once stored, which covers
     # the senders' and the settler's results alike.
-    runtime.metrics.flush_seconds.observe(trio.current_time() - flush_started)
-    runtime.metrics.flush_size.observe(len(stored))
+    store.metrics.flush_seconds.observe(trio.current_time() - flush_started)
+    store.metrics.flush_size.observe(len(stored))
     for o in stored:
-        runtime.outcomes_by[o.status, o.message.account, o.message.tenant_id] += 1
+        store.health.outcomes_by[o.status, o.message.account, o.message.tenant_id] += 1
     if written != len(stored):
-        runtime.log.warning("writer_rows_skipped", expected=len(stored), written=written)
-
-
-async def _until_committed(runtime: Runtime, write: Callable[[Any], Awaitable[int]]) -> int:
-    """`write(conn)` on a pooled connection, again and again while the database is away."""
-    failures = 0
-    while True:
-        written = None
-        try:
-            async with runtime.pool.acquire() as conn:
-                written = await write(conn)
-            return written
-        except DATA_ERRORS:
-            raise  # the same rows fail the same way every time
-        except RETRYABLE_ERRORS as error:
-            if written is not None:
-                return written  # committed; only giving the connection back failed
-            failures += 1
-            delay = retry_delay(min(failures, 6), base=0.2, cap=5.0)
-            runtime.report_problem("writer", f"cannot store results: {error}")
-            runtime.log.warning("writer_retry", error=str(error) or type(error).__name__,
-                                retry_in=delay)
-            await trio.sleep(delay)
+        log.warning("writer_rows_skipped", expected=len(stored), written=written)
 
 
 # --- a flush the database refuses because of what is in it ----------------------------------
@@ -211,47 +211,47 @@ class Apart:
         return {o.message.id for o in self.refused}
 
 
-async def store_apart(runtime: Runtime, pending: list[BatchResult], error: BaseException,
+async def store_apart(store: Store, pending: list[BatchResult], error: BaseException,
                       apart: Apart) -> int:
     """Store a flush the database refused (`error`) by the rule above; close the marks whose
     outcomes are all stored and hand the others over. Returns the rows written."""
-    runtime.log.warning("writer_isolating", error=_reason(error),
-                        results=sum(len(r.outcomes) for r in pending))
-    await _store_halves(runtime, [o for r in pending for o in r.outcomes], error, apart)
+    log.warning("writer_isolating", error=_reason(error),
+                results=sum(len(r.outcomes) for r in pending))
+    await _store_halves(store, [o for r in pending for o in r.outcomes], error, apart)
     refused = apart.refused_ids()
-    await _until_committed(
-        runtime, lambda conn: close_marks(conn, runtime.instance_id, pending, refused))
-    _report(runtime, apart)
+    await store.until_committed(
+        lambda conn: close_marks(conn, store.instance_id, pending, refused))
+    _report(store, apart)
     return apart.written
 
 
-async def _store_halves(runtime: Runtime, outcomes: list[Outcome], error: BaseException,
+async def _store_halves(store: Store, outcomes: list[Outcome], error: BaseException,
                         apart: Apart) -> None:
     """Store `outcomes`, which the database refused together, in halves (the rule above)."""
     apart.error = apart.error or _reason(error)
     if len(outcomes) == 1:
-        await _store_safe_form(runtime, outcomes[0], error, apart)
+        await _store_safe_form(store, outcomes[0], error, apart)
         return
     half = len(outcomes) // 2
     for part in (outcomes[:half], outcomes[half:]):
         try:
-            await _store(runtime, part, apart)
+            await _store(store, part, apart)
         except DATA_ERRORS as part_error:
-            await _store_halves(runtime, part, part_error, apart)
+            await _store_halves(store, part, part_error, apart)
 
 
-async def _store(runtime: Runtime, outcomes: list[Outcome], apart: Apart) -> None:
+async def _store(store: Store, outcomes: list[Outcome], apart: Apart) -> None:
     """One part's outcomes in one statement; their marks are closed at the end of the flush
     (another part of the same batch may still be refused)."""
-    apart.written += await _until_committed(
-        runtime, lambda conn: write_outcomes(conn, runtime.instance_id, [], outcomes))
+    apart.written += await store.until_committed(
+        lambda conn: write_outcomes(conn, store.instance_id, [], outcomes))
     apart.stored_ids.update(o.message.id for o in outcomes)
 
 
-async def _store_safe_form(runtime: Runtime, outcome: Outcome, error: BaseException,
+async def _store_safe_form(store: Store, outcome: Outcome, error: BaseException,
                            apart: Apart) -> None:
     try:
-        await _store(runtime, [safe_form(outcome, error)], apart)
+        await _store(store, [safe_form(outcome, error)], apart)
     except DATA_ERRORS:
         apart.refused.append(outcome)
     else:
@@ -301,33 +301,33 @@ async def close_marks(conn: Any, instance_id: str, pending: list[BatchResult],
     return 0
 
 
-async def _hand_over_unstored(runtime: Runtime, pending: list[BatchResult], apart: Apart) -> None:
+async def _hand_over_unstored(store: Store, pending: list[BatchResult], apart: Apart) -> None:
     """Best effort, on the way to a crash: what is not stored goes to settlement."""
     unstored = {o.message.id for r in pending for o in r.outcomes} - apart.stored_ids
     try:
-        async with runtime.pool.acquire() as conn:
-            await close_marks(conn, runtime.instance_id, pending, unstored)
+        async with store.pool.acquire() as conn:
+            await close_marks(conn, store.instance_id, pending, unstored)
     except Exception as error:  # noqa: BLE001 -- the writer's own error is the one to raise
-        runtime.log.error("writer_hand_over_failed", error=_reason(error))
+        log.error("writer_hand_over_failed", error=_reason(error))
 
 
-def _report(runtime: Runtime, apart: Apart) -> None:
+def _report(store: Store, apart: Apart) -> None:
     """One log line per flush for each kind of trouble (not one per outcome), and metrics."""
     if apart.stripped:
-        runtime.metrics.unstorable.labels("stripped").inc(len(apart.stripped))
-        runtime.log.warning("outcomes_stored_stripped", count=len(apart.stripped),
-                            messages=[o.message.id for o in apart.stripped[:SAMPLE]],
-                            error=apart.error)
+        store.metrics.unstorable.labels("stripped").inc(len(apart.stripped))
+        log.warning("outcomes_stored_stripped", count=len(apart.stripped),
+                    messages=[o.message.id for o in apart.stripped[:SAMPLE]],
+                    error=apart.error)
     if apart.refused:
-        runtime.metrics.unstorable.labels("settlement").inc(len(apart.refused))
-        runtime.report_problem("writer", f"{len(apart.refused)} outcomes could not be stored "
-                               f"({apart.error}); their messages go to settlement")
-        runtime.log.error("outcomes_not_stored", count=len(apart.refused),
-                          messages=[o.message.id for o in apart.refused[:SAMPLE]],
-                          error=apart.error)
+        store.metrics.unstorable.labels("settlement").inc(len(apart.refused))
+        store.health.report_problem(
+            "writer", f"{len(apart.refused)} outcomes could not be stored ({apart.error}); "
+                      "their messages go to settlement")
+        log.error("outcomes_not_stored", count=len(apart.refused),
+                  messages=[o.message.id for o in apart.refused[:SAMPLE]],
+                  error=apart.error)
 
 
 def _reason(error: BaseException) -> str:
-    """The error in one line (asyncpg's may span several)."""
-    text = str(error).splitlines()[0] if str(error) else ""
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    """The error in one line with its type (asyncpg's may span several)."""
+    return describe(error, typed=True)

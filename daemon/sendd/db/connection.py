@@ -16,8 +16,7 @@ import trio_asyncio
 import triopg
 
 from sendd.config import mask_url
-from sendd.core.backoff import retry_delay
-from sendd.errors import UserError
+from sendd.errors import UserError, describe
 
 T = TypeVar("T")
 
@@ -32,9 +31,6 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.ConnectionDoesNotExistError,
     trio.BrokenResourceError,
 )
-# A session that ran this long before failing was healthy: its backoff starts over.
-SESSION_HEALTHY = 30.0
-
 # Errors a transaction can be retried after as it is.
 RETRYABLE_ERRORS: tuple[type[BaseException], ...] = CONNECTION_ERRORS + (
     asyncpg.exceptions.DeadlockDetectedError,
@@ -69,7 +65,7 @@ def _sole_error(group: BaseExceptionGroup) -> BaseException:
 
 def unavailable(url: str, error: BaseException) -> UserError:
     """The one-line error for a database that cannot be reached."""
-    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    reason = describe(error)
     return UserError(
         f"cannot connect to the database at {mask_url(url)}: {reason} "
         "(is PostgreSQL running? set database.url or --database-url)"
@@ -92,30 +88,6 @@ async def connect(url: str, timeout: float = 10.0) -> AsyncIterator[Any]:
                 await cm.__aexit__(None, None, None)
             except CONNECTION_ERRORS:
                 pass  # closing a connection the server already dropped
-
-
-async def keep_connected(runtime: Any, actor: str,
-                         session: Callable[[Any], Awaitable[None]]) -> None:
-    """Run `session(conn)` on a pooled connection until it returns. When the database goes
-    away (a restart, dropped connections) wait with backoff and start the session again on a
-    fresh connection, so an outage delays the actor instead of crashing it."""
-    failures = 0
-    while True:
-        started = trio.current_time()
-        try:
-            async with runtime.pool.acquire() as conn:
-                await session(conn)
-            return
-        except RETRYABLE_ERRORS as error:
-            if trio.current_time() - started > SESSION_HEALTHY:
-                failures = 0  # a new outage, not the same one going on
-            failures += 1
-            delay = retry_delay(min(failures, 6), base=0.2, cap=5.0)
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            runtime.report_problem(actor, f"database unavailable: {reason}")
-            runtime.log.warning("database_unavailable", actor=actor, retry_in=round(delay, 2),
-                                error=reason)
-            await trio.sleep(delay)
 
 
 @asynccontextmanager

@@ -2,6 +2,12 @@
 
 Safe to run twice and while daemons run: everything happens in one transaction behind a
 transaction-level advisory lock, so a second `sendd migrate` waits and then finds nothing to do.
+
+The convention for a new migration: a new file with the next number (an applied file is never
+edited); it leaves objects that daemons of the previous release still use callable as they
+were, since `sendd migrate` may run while such daemons run; and it updates `db/schema.sql`,
+the schema as it stands after every migration, in the same change (tests/test_schema_file.py
+fails until the two agree).
 """
 
 from __future__ import annotations

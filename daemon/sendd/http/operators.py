@@ -17,9 +17,11 @@ Slow or greedy clients cannot hold it (it is to take provider webhooks from the 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
+import structlog
 import trio
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config as HypercornConfig
@@ -30,9 +32,14 @@ from hypercorn.utils import repr_socket_addr
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from sendd.db.connection import RETRYABLE_ERRORS
-from sendd.http.metrics import refresh_database_gauges
+from sendd.errors import describe
 from sendd.listeners import connection_limit, serve_bounded
-from sendd.runtime import Runtime
+from sendd.metrics import Metrics
+from sendd.state.accounts import Accounts
+from sendd.state.health import Health
+from sendd.state.lease import Lease
+
+log = structlog.get_logger()
 
 MAX_BODY = 1024 * 1024
 RESTART_MEMORY = 60.0  # an actor that crashed this recently makes /healthz fail
@@ -51,33 +58,44 @@ Send = Any
 Receive = Any
 
 
-async def serve_http(runtime: Runtime,
+@dataclass
+class Observed:
+    """What the endpoints read: the database (readiness), the address, health, the lease, the
+    breakers, the metrics, and whether the daemon is draining."""
+
+    pool: Any
+    listen: str
+    health: Health
+    lease: Lease
+    accounts: Accounts
+    metrics: Metrics
+    drain: trio.Event
+
+
+async def serve_http(observed: Observed,
                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until cancelled (the daemon's nursery ends it after the drain)."""
-    listen = runtime.config.daemon.http_listen
+    listen = observed.listen
     config = server_config(listen)
     try:
         [sock] = config.create_sockets().insecure_sockets
         sock.listen(LISTEN_BACKLOG)
     except OSError as error:
-        runtime.log.error("http_unavailable", address=listen,
-                          error=error.strerror or repr(error))
+        log.error("http_unavailable", address=listen, error=error.strerror or repr(error))
         task_status.started()
         return
     limit = connection_limit(MAX_CONNECTIONS, FD_SHARE)
-    app, context = ASGIWrapper(App(runtime)), WorkerContext(None)
+    app, context = ASGIWrapper(App(observed)), WorkerContext(None)
 
     async def handle(stream: trio.SocketStream) -> None:
         await TCPServer(app, config, context, ConnectionState({}), GuardedStream(stream))
 
     with sock:
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-        runtime.log.info("http_listening", address=listen, max_connections=limit,
-                         binds=[f"http://{repr_socket_addr(sock.family, sock.getsockname())}"])
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(refresh_database_gauges, runtime)
-            task_status.started()
-            await serve_bounded(listener, handle, limit=limit, log=runtime.log, name="http")
+        log.info("http_listening", address=listen, max_connections=limit,
+                 binds=[f"http://{repr_socket_addr(sock.family, sock.getsockname())}"])
+        task_status.started()
+        await serve_bounded(listener, handle, limit=limit, log=log, name="http")
 
 
 def server_config(listen: str) -> HypercornConfig:
@@ -124,8 +142,8 @@ class GuardedStream(trio.abc.HalfCloseableStream):
 
 
 class App:
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+    def __init__(self, observed: Observed) -> None:
+        self.observed = observed
         self.routes = {"/healthz": self.healthz, "/readyz": self.readyz,
                        "/metrics": self.metrics}
 
@@ -155,53 +173,53 @@ class App:
             await handler(send)
 
     async def healthz(self, send: Send) -> None:
-        reasons = health_problems(self.runtime)
+        reasons = health_problems(self.observed)
         if reasons:
             await _respond(send, 503, {"ok": False, "reasons": reasons})
         else:
             await _respond(send, 200, {"ok": True})
 
     async def readyz(self, send: Send) -> None:
-        reason = await not_ready(self.runtime)
+        reason = await not_ready(self.observed)
         if reason:
             await _respond(send, 503, {"ok": False, "reason": reason})
         else:
             await _respond(send, 200, {"ok": True})
 
     async def metrics(self, send: Send) -> None:
-        body = self.runtime.metrics.render()
+        body = self.observed.metrics.render()
         await _send(send, 200, body, [(b"content-type", CONTENT_TYPE_LATEST.encode())])
 
 
-def health_problems(runtime: Runtime) -> list[str]:
+def health_problems(observed: Observed) -> list[str]:
     """Why the daemon is unhealthy, or nothing."""
-    now = trio.current_time()
-    reasons = [f"{actor}: {reason}" for actor, reason in sorted(runtime.current_problems().items())]
-    for actor, at in sorted(runtime.crashed_at.items()):
+    now, health = trio.current_time(), observed.health
+    reasons = [f"{actor}: {reason}" for actor, reason in sorted(health.current_problems().items())]
+    for actor, at in sorted(health.crashed_at.items()):
         if now - at < RESTART_MEMORY:
             reasons.append(f"{actor}: restarted {now - at:.0f}s ago "
-                           f"({runtime.restarts.get(actor, 0)} restarts)")
-    reasons += runtime.breakers.problems(now)
-    for actor, busy in sorted(runtime.stalled().items()):
+                           f"({health.restarts.get(actor, 0)} restarts)")
+    reasons += observed.accounts.breakers.problems(now)
+    for actor, busy in sorted(health.stalled().items()):
         reasons.append(f"{actor}: wedged, no progress for {busy:.0f}s")
-    if runtime.lease_valid_until < now:
-        reasons.append(f"lease not renewed: expired {now - runtime.lease_valid_until:.1f}s ago")
-    if runtime.drain.is_set():
+    if observed.lease.valid_until < now:
+        reasons.append(f"lease not renewed: expired {now - observed.lease.valid_until:.1f}s ago")
+    if observed.drain.is_set():
         reasons.append("draining")
     return reasons
 
 
-async def not_ready(runtime: Runtime) -> str | None:
+async def not_ready(observed: Observed) -> str | None:
     """Why the daemon should get no traffic, or None."""
-    if runtime.drain.is_set():
+    if observed.drain.is_set():
         return "draining"
     with trio.move_on_after(READY_TIMEOUT):
         try:
-            async with runtime.pool.acquire() as conn:
+            async with observed.pool.acquire() as conn:
                 await conn.fetchval("SELECT 1")
             return None
         except RETRYABLE_ERRORS as error:
-            return f"database: {error or type(error).__name__}"
+            return f"database: {describe(error)}"
     return f"database: no answer within {READY_TIMEOUT:g}s"
 
 

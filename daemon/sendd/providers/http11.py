@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
+from sendd.errors import describe
+
 MAX_RESPONSE = 16 * 1024 * 1024  # a 1,000-message bulk answer is ~100 KB
 READ_SIZE = 65536
 USER_AGENT = b"sendd"
@@ -228,4 +230,4 @@ def _reason(error: BaseException) -> str:
     (a TLS verification failure, a reset connection)."""
     while not str(error) and error.__cause__ is not None:
         error = error.__cause__
-    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return describe(error, typed=True)

@@ -1,47 +1,31 @@
 """Prometheus metrics: one registry per daemon (never the global one).
 
 Histograms are observed where the work happens (sender, writer). Everything that is state
-already (outcome counts, channel fill, restart counts) is read from the runtime at scrape
-time by `StateCollector`, not copied. The database gauges (backlog, leases) are refreshed by
-a background loop (`refresh_database_gauges`), never on the scrape path.
+already (outcome counts, channel fill, restart counts, breakers) is read from the daemon's
+state at scrape time by `StateCollector`, not copied. The database gauges (backlog, leases)
+are refreshed by their own actor (sendd.actors.gauges), never on the scrape path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
-import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from sendd.core.breaker import State
-from sendd.db.connection import RETRYABLE_ERRORS
-
-if TYPE_CHECKING:
-    from sendd.runtime import Runtime
-
-REFRESH_INTERVAL = 5.0  # seconds between backlog/lease queries
-REFRESH_TIMEOUT = 4.0
-
-# The backlog without counting message rows (a count over millions of rows every few seconds
-# in every daemon would cost more than the sending): campaigns' unfinished messages from their
-# trigger-kept counters, plus queued transactional messages through their partial index.
-QUEUED = """
-SELECT (SELECT coalesce(sum(total - sent - failed - unknown - cancelled), 0)
-        FROM sendd.campaign WHERE status IN ('scheduled', 'sending', 'paused'))
-     + (SELECT count(*) FROM sendd.message WHERE status = 'queued' AND campaign_id IS NULL)
-"""
-ACTIVE_LEASES = ("SELECT count(*) FROM sendd.instance "
-                 "WHERE stopped_at IS NULL AND lease_until > now()")
+from sendd.state.accounts import Accounts
+from sendd.state.health import Health
 
 _SIZES = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 _SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class Metrics:
-    def __init__(self, runtime: Runtime) -> None:
+    """This daemon's registry and the instruments the actors observe."""
+
+    def __init__(self, health: Health, accounts: Accounts) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.provider_request = Histogram(
@@ -74,23 +58,24 @@ class Metrics:
             "sendd_stale_marks",
             "This daemon's submission marks open far longer than a request and its settlement "
             "take (messages stuck in 'sending'; checked by the reaper)", registry=r)
-        r.register(StateCollector(runtime))
+        r.register(StateCollector(health, accounts))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class StateCollector(Collector):
-    """Reads the runtime's own counters and channels at scrape time."""
+    """Reads the daemon's own counters, channels and breakers at scrape time."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+    def __init__(self, health: Health, accounts: Accounts) -> None:
+        self.health = health
+        self.accounts = accounts
 
     def describe(self) -> list[Metric]:
         return []  # unchecked: the families depend on what is running
 
     def collect(self) -> Iterator[Metric]:
-        rt = self.runtime
+        rt = self.health
         messages = CounterMetricFamily("sendd_messages", "Messages stored, by outcome",
                                        labels=["outcome", "account", "tenant"])
         for (outcome, account, tenant), count in sorted(rt.outcomes_by.items()):
@@ -106,7 +91,7 @@ class StateCollector(Collector):
             capacity.add_metric([name], stats.max_buffer_size)
         yield used
         yield capacity
-        yield _breaker_states(rt)
+        yield _breaker_states(self.accounts)
         unserved = GaugeMetricFamily(
             "sendd_unserved_messages", "Queued messages whose account no running daemon serves",
             labels=["account"])
@@ -120,32 +105,13 @@ class StateCollector(Collector):
         yield restarts
 
 
-def _breaker_states(rt: Runtime) -> GaugeMetricFamily:
+def _breaker_states(accounts: Accounts) -> GaugeMetricFamily:
     """1 for each account's current breaker state (closed: its provider answers)."""
     family = GaugeMetricFamily(
         "sendd_account_breaker", "Account circuit breaker state (1 = current)",
         labels=["account", "state"])
-    for account in sorted(rt.config.accounts):
-        current = rt.breakers.get(account).state
+    for account in sorted(accounts.providers):
+        current = accounts.breakers.get(account).state
         for state in State:
             family.add_metric([account, state.value], float(state is current))
     return family
-
-
-async def refresh_database_gauges(runtime: Runtime) -> None:
-    """Keep the backlog and lease gauges fresh; a failed query leaves the last values."""
-    metrics = runtime.metrics
-    next_at = trio.current_time()
-    while True:
-        with trio.move_on_after(REFRESH_TIMEOUT):
-            try:
-                async with runtime.pool.acquire() as conn:
-                    queued = await conn.fetchval(QUEUED)
-                    leases = await conn.fetchval(ACTIVE_LEASES)
-                metrics.queued.set(queued)
-                runtime.backlog = queued
-                metrics.active_leases.set(leases)
-            except RETRYABLE_ERRORS as error:
-                runtime.log.debug("metrics_refresh_failed", error=str(error))
-        next_at += REFRESH_INTERVAL  # drift-free
-        await trio.sleep_until(max(next_at, trio.current_time()))

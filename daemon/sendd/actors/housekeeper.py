@@ -1,0 +1,91 @@
+"""The housekeeper: what the daemon does once a second besides claiming, and the NOTIFY wake-ups.
+
+Each pass (`run_once`) starts scheduled campaigns that are due, picks up tenants' rate limits
+(set by `sendd tenant` or another daemon), pauses the campaigns that have waited too long for
+an unreachable provider, and looks for messages no daemon serves. It holds a connection that
+LISTENs for `sendd_queued`, so a message queued anywhere wakes the pollers at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import trio
+
+from sendd.db.connection import listening
+from sendd.db.retry import keep_connected
+from sendd.state import unserved
+from sendd.state.accounts import Accounts
+from sendd.state.controls import Controls
+from sendd.state.health import Health
+
+log = structlog.get_logger()
+
+INTERVAL = 1.0  # seconds between passes
+
+START_SCHEDULED = """
+UPDATE sendd.campaign SET status = 'sending', started_at = now()
+WHERE status = 'scheduled' AND scheduled_at <= now()
+"""
+
+TENANT_RATES = "SELECT id, rate_msgs_per_s FROM sendd.tenant"
+
+# Campaigns with messages waiting for an account whose provider has been unreachable for
+# `retry.provider_down_pause`: paused with the reason instead of waiting on unseen (an operator
+# resumes them once the provider is back, or moves the messages to another account).
+PAUSE_FOR_PROVIDER = """
+UPDATE sendd.campaign c SET status = 'paused', pause_reason = $2
+WHERE c.status = 'sending' AND EXISTS (
+    SELECT 1 FROM sendd.message m
+    WHERE m.campaign_id = c.id AND m.status = 'queued' AND m.account = $1)
+RETURNING c.id
+"""
+
+
+@dataclass
+class Housekeeper:
+    accounts: Accounts
+    controls: Controls
+    health: Health
+
+    async def run_once(self, conn: Any) -> None:
+        started = await conn.execute(START_SCHEDULED)
+        if started != "UPDATE 0":
+            self.controls.wake_pollers()
+        for row in await conn.fetch(TENANT_RATES):
+            self.accounts.governor.set_tenant(row["id"], row["rate_msgs_per_s"])
+        await self.pause_for_unreachable(conn)
+        await unserved.check(conn, self.health.unserved, trio.current_time(), log)
+
+    async def pause_for_unreachable(self, conn: Any) -> None:
+        after = self.controls.config.retry.provider_down_pause
+        breakers = self.accounts.breakers
+        for account in breakers.due_for_pause(trio.current_time(), after):
+            reason = (f"account {account} unreachable for {after:g} s: "
+                      f"{breakers.get(account).reason}")[:500]
+            for row in await conn.fetch(PAUSE_FOR_PROVIDER, account, reason):
+                log.warning("campaign_paused", campaign=row["id"], account=account,
+                            reason=reason)
+
+
+async def run_housekeeper(
+    pool: Any, housekeeper: Housekeeper,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """A pass now and every INTERVAL seconds, on a connection that LISTENs for new messages."""
+    def on_notify(*_: object) -> None:
+        housekeeper.controls.wake_pollers()
+
+    async def session(conn: Any) -> None:
+        nonlocal task_status
+        async with listening(conn, "sendd_queued", on_notify):
+            task_status.started()
+            task_status = trio.TASK_STATUS_IGNORED  # ready once, not on every reconnect
+            while True:
+                with housekeeper.health.working("housekeeper"):
+                    await housekeeper.run_once(conn)
+                await trio.sleep(INTERVAL)
+
+    await keep_connected(pool, housekeeper.health, "housekeeper", session)

@@ -1,0 +1,40 @@
+"""What the operator steers: the configuration in force, pauses, the drain, a pipeline rebuild.
+
+Written by the control socket and signals (sendd.control), read by the pollers (what to claim),
+the senders (account settings) and status. One writer per field: the control commands.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import trio
+
+from sendd.config import AccountConfig, Config
+
+
+@dataclass
+class Controls:
+    # The configuration in force: reload and set-rate replace it (account settings apply live;
+    # pipeline and retry settings reach the actors when a rebuild starts a new pipeline).
+    config: Config
+    paused_all: bool = False
+    paused_tenants: set[str] = field(default_factory=set)
+    paused_accounts: set[str] = field(default_factory=set)
+    # "Please stop": set by SIGTERM/SIGINT or the `drain` command.
+    drain: trio.Event = field(default_factory=trio.Event)
+    # A reload that needs a new pipeline puts its configuration in `next_config`, then sets
+    # `rebuild` (the daemon replaces the event for each pipeline).
+    rebuild: trio.Event = field(default_factory=trio.Event)
+    next_config: Config | None = None
+    # Replaced at each wake-up: a poller takes the current event before it claims and waits on
+    # that one, so a wake-up that came during its claim is not missed.
+    wakeup: trio.Event = field(default_factory=trio.Event)
+
+    def account(self, name: str) -> AccountConfig:
+        return self.config.accounts[name]
+
+    def wake_pollers(self) -> None:
+        """New work may be claimable (queued, a pause lifted, an account back)."""
+        self.wakeup.set()
+        self.wakeup = trio.Event()
