@@ -12,10 +12,9 @@ from typing import Any
 
 import asyncpg
 
-from sendd import leases
 from sendd.actors import poller
 from sendd.commands import tenants
-from sendd.db import claims, migrate
+from sendd.db import claims, leases, migrate
 
 SHARE, SLOTS = poller.CLAIM_SHARE, poller.CLAIM_SLOTS
 

@@ -15,11 +15,10 @@ import asyncpg
 import pytest
 
 from parts import account, claim_config, make_parts
-from sendd import leases
 from sendd.actors import express, poller
 from sendd.commands import tenants
 from sendd.core.ratelimit import Governor
-from sendd.db import migrate
+from sendd.db import leases, migrate
 
 MESSAGES = 600  # campaign messages; as many transactional ones again, same segments
 

@@ -21,12 +21,11 @@ from harness import (
     write_config,
 )
 from parts import account, claim_config, make_parts
-from sendd import leases
 from sendd.actors import express
 from sendd.actors.poller import Claimer
 from sendd.commands import tenants
 from sendd.core.ratelimit import Governor
-from sendd.db import migrate
+from sendd.db import leases, migrate
 
 # A slow provider and few senders keep the campaign pipeline's channels full: 6 chunks of 200
 # claimed messages waiting at 2 x 200 messages per second means ~3 s for anything queued behind.

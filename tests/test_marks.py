@@ -17,11 +17,10 @@ import trio_asyncio
 import triopg
 
 from parts import account, claim_config, make_parts
-from sendd import leases
 from sendd.actors import poller
 from sendd.actors.writer import write_results
 from sendd.commands import tenants
-from sendd.db import migrate
+from sendd.db import leases, migrate
 from sendd.model import RELEASE, Batch
 from sendd.pipeline import Parts
 

@@ -29,13 +29,12 @@ from hypothesis.stateful import (
 
 from harness import ALLOWED, STATUSES
 from parts import account, claim_config, make_parts
-from sendd import leases
 from sendd.actors.express import claim_express
 from sendd.actors.poller import Claimer, claim_due
 from sendd.actors.writer import write_results
 from sendd.commands import campaigns, tenants
 from sendd.core.ratelimit import Governor
-from sendd.db import migrate
+from sendd.db import leases, migrate
 from sendd.db.claims import MARK_SUBMITTED, TENANT_BUDGETS
 from sendd.errors import UserError
 from sendd.model import FAILED, RELEASE, RETRY, SENT, UNKNOWN, BatchResult, Message, Outcome

@@ -19,13 +19,12 @@ import triopg
 
 from harness import write_config
 from parts import make_parts
-from sendd import leases
 from sendd.actors import poller
 from sendd.actors.reaper import run_reaper
 from sendd.actors.writer import flush
 from sendd.commands import tenants
 from sendd.config import load_config
-from sendd.db import migrate
+from sendd.db import leases, migrate
 from sendd.model import FAILED, RETRY, SENT, BatchResult, Message, Outcome
 from sendd.pipeline import Parts
 

@@ -12,10 +12,9 @@ from typing import Any
 import asyncpg
 
 from harness import STATUSES
-from sendd import leases
 from sendd.actors.writer import write_results
 from sendd.commands import tenants
-from sendd.db import migrate
+from sendd.db import leases, migrate
 from sendd.model import FAILED, RELEASE, RETRY, SENT, UNKNOWN, BatchResult, Message, Outcome
 
 OUTCOMES = [SENT, FAILED, RETRY, RELEASE, UNKNOWN]

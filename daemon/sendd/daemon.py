@@ -17,7 +17,6 @@ import structlog
 import trio
 import triopg
 
-from sendd import leases
 from sendd.actors.express import EXPRESS_SENDERS
 from sendd.actors.gauges import run_gauges
 from sendd.actors.heartbeat import run_heartbeat
@@ -26,7 +25,7 @@ from sendd.actors.poller import CAMPAIGN_POLLERS
 from sendd.config import Config
 from sendd.control.reload import reload_on_signal, switch_config
 from sendd.control.server import serve_control
-from sendd.db import migrate
+from sendd.db import leases, migrate
 from sendd.db.connection import CONNECTION_ERRORS, unavailable
 from sendd.errors import UserError, describe, first_leaf
 from sendd.http.operators import Observed, serve_http

@@ -24,8 +24,8 @@ from sendd.actors import poller
 from sendd.actors.poller import Claimer
 from sendd.db.claims import CLAIM_EXPRESS
 from sendd.db.connection import listening
+from sendd.db.leases import LEASE_MARGIN
 from sendd.db.retry import keep_connected
-from sendd.leases import LEASE_MARGIN
 from sendd.model import Batch, Message
 
 # Concurrent express requests. Transactional traffic is a trickle, but under a saturating

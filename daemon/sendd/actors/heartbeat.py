@@ -7,7 +7,7 @@ from typing import Any
 import structlog
 import trio
 
-from sendd import leases
+from sendd.db import leases
 from sendd.db.connection import RETRYABLE_ERRORS
 from sendd.errors import describe
 from sendd.state.health import Health

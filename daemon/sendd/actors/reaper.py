@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 import trio
 
-from sendd import leases
+from sendd.db import leases
 from sendd.db.retry import keep_connected
 from sendd.metrics import Metrics
 from sendd.model import Message, Unsettled

@@ -15,8 +15,8 @@ import trio
 from sendd.core.breaker import Admission, State, Ticket
 from sendd.core.outcomes import Reaction, classify, classify_each, released, speaking_for
 from sendd.db.claims import MARK_SUBMITTED
+from sendd.db.leases import LEASE_MARGIN
 from sendd.db.retry import retrying
-from sendd.leases import LEASE_MARGIN
 from sendd.metrics import Metrics
 from sendd.model import Batch, BatchResult, Unsettled
 from sendd.providers import base

@@ -19,8 +19,8 @@ from typing import Any
 import structlog
 import trio
 
-from sendd import leases
 from sendd.config import DEFAULTS_SOURCE, AccountConfig, Config, ConfigError, load_config
+from sendd.db import leases
 from sendd.providers import open_provider
 from sendd.state.accounts import Accounts
 from sendd.state.controls import Controls
