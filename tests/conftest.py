@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,13 +58,27 @@ def fake_provider() -> Iterator:
 # The suite runs in worker processes (`-n 2` in pyproject's addopts), each a session with its
 # own private servers. A test marked `serial` has the machine to itself: it holds a lock that
 # every other test holds shared while it runs, so it waits for the test running on the other
-# worker, and that worker waits for it (rates and latencies measured against the wall clock
-# are what cannot share two CPUs). Without xdist (`-n 0`, `-p no:xdist`) this does nothing.
+# worker, and that worker waits for it (lower bounds on rates and latencies measured against
+# the wall clock are what cannot share two CPUs). Without xdist (`-n 0`) none of this applies.
 
 _LOCK_DIR = pytest.StashKey[str]()
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In a worker: `slow` tests first, so that none starts last and leaves the other worker
+    idle meanwhile; `serial` ones last, when the other worker has only short tests to finish.
+    (Every worker collects the same order; xdist hands the tests out in it.)"""
+    if hasattr(config, "workerinput"):
+        items.sort(key=lambda item: 2 if item.get_closest_marker("serial")
+                   else 0 if item.get_closest_marker("slow") else 1)
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    # Started in the background by a shell without job control, pytest inherits SIGINT ignored,
+    # and so would every process a test starts: the tests that press Ctrl-C on `sendd ctl
+    # watch` and `sendd demo` would see it do nothing. Take Ctrl-C as Python usually does.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if hasattr(config, "workerinput"):  # a worker: the controller made the directory
         config.stash[_LOCK_DIR] = config.workerinput["sendd_lock_dir"]
     elif config.pluginmanager.hasplugin("xdist"):

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from typing import Any
 import asyncpg
 import httpx
 
+from sendd.db import migrate
 from sendd.dev.pgserver import PrivatePostgres, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -366,3 +367,17 @@ class Daemon:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def with_db(url: str, work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
+    """Migrate the fresh database, then run work(conn) on one asyncpg connection."""
+
+    async def run() -> Any:
+        conn = await asyncpg.connect(url)
+        try:
+            await migrate.migrate(conn)
+            return await work(conn)
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())

@@ -10,6 +10,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from harness import (
     Daemon,
     FakeProvider,
@@ -93,6 +95,7 @@ def drain(daemon: Daemon, provider: FakeProvider) -> None:
     provider.control(latency_ms=LATENCY_MS)
 
 
+@pytest.mark.slow
 def test_claimed_work_is_bounded_and_memory_is_flat(tmp_path: Path, database_url: str):
     bound = in_flight_bound(PIPELINE, MAX_BATCH)
     assert bound == 3_800  # (2+2)*500 + 500 + (2+4)*100 + 4*100 + 200+100

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 
 from harness import (
     Daemon,
@@ -135,6 +136,7 @@ def test_an_outcome_the_database_refuses_is_settled_and_the_others_stored(
     assert refused["provider_message_id"].startswith("b-") and refused["bulk_id"] is None
 
 
+@pytest.mark.slow
 def test_messages_stuck_in_sending_keep_the_daemon_unhealthy(tmp_path: Path, database_url: str,
                                                              fake_provider) -> None:
     config = write_config(tmp_path / "sendd.toml", database_url, fake_provider.url,

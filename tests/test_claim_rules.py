@@ -6,29 +6,16 @@ way a daemon of the previous release calls it (positionally) while a migration r
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
 
+from harness import with_db
 from sendd.actors import poller
 from sendd.commands import tenants
-from sendd.db import claims, leases, migrate
+from sendd.db import claims, leases
 
 SHARE, SLOTS = poller.CLAIM_SHARE, poller.CLAIM_SLOTS
-
-
-def with_db(url: str, work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
-    async def run() -> Any:
-        conn = await asyncpg.connect(url)
-        try:
-            await migrate.migrate(conn)
-            return await work(conn)
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
 
 
 def test_spendable_is_one_share_only_while_every_slot_has_one(database_url: str) -> None:

@@ -294,6 +294,7 @@ def test_pause_holds_sending_until_resume(scope, tmp_path, database_url, fake_pr
     assert fake_provider.stats()["accepted"] == total
 
 
+@pytest.mark.serial  # a rate or latency floor against the wall clock: not beside another test
 def test_set_rate_of_an_account_lowers_the_observed_rate(tmp_path, database_url, fake_provider):
     config, sock = ctl_setup(tmp_path, database_url, fake_provider.url,
                              accounts={"main": {"msgs_per_s": 1000, "max_batch": 20}},
@@ -315,6 +316,7 @@ def test_set_rate_of_an_account_lowers_the_observed_rate(tmp_path, database_url,
         assert "unknown account" in client.call(cmd="set-rate", account="x", msgs_per_s=1)["error"]
 
 
+@pytest.mark.serial  # a rate or latency floor against the wall clock: not beside another test
 def test_set_rate_of_a_tenant_is_applied_and_kept(tmp_path, database_url, fake_provider):
     config, sock = ctl_setup(tmp_path, database_url, fake_provider.url,
                              accounts={"main": {"msgs_per_s": 1000, "max_batch": 20}},
@@ -353,6 +355,7 @@ def test_drain_finishes_and_exits_zero(tmp_path, database_url, fake_provider):
     assert not sock.exists()
 
 
+@pytest.mark.serial  # a rate or latency floor against the wall clock: not beside another test
 def test_reload_applies_a_good_file_and_refuses_a_bad_one(tmp_path, database_url, fake_provider):
     def configure(**account: Any) -> Path:
         return ctl_setup(tmp_path, database_url, fake_provider.url, pipeline=SMALL_PIPELINE,
@@ -496,6 +499,7 @@ def test_format_status_reads_like_a_summary() -> None:
            "PAUSED; SUSPENDED: 401 unauthorized" in text
 
 
+@pytest.mark.serial  # a rate or latency floor against the wall clock: not beside another test
 def test_many_clients_at_once_do_not_slow_the_pipeline(tmp_path, database_url, fake_provider):
     """50 clients asking for status as fast as they can, while a campaign runs: every reply
     arrives and the campaign takes no more than a little longer than one sent without them."""

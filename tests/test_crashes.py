@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from harness import (
     Daemon,
     enqueue,
@@ -48,6 +50,7 @@ def test_dropped_connections_are_survived_and_the_campaign_completes(
     assert scalar(database_url, "SELECT count(*) FROM sendd.submission") == 0
 
 
+@pytest.mark.slow
 def test_a_crash_loop_ends_the_daemon_non_zero(tmp_path: Path, database_url: str,
                                                fake_provider) -> None:
     config = write_config(tmp_path / "sendd.toml", database_url, fake_provider.url)

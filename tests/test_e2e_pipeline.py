@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from harness import (
     Daemon,
     FakeProvider,
@@ -285,6 +287,7 @@ def test_413_splits_batches_and_everything_is_sent_once(tmp_path: Path, database
 
 # --- 8. drain on SIGTERM --------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigterm_drains_and_a_new_daemon_finishes_without_duplicates(tmp_path: Path,
                                                                      database_url: str):
     total, stop_timeout = 20_000, 10.0
@@ -376,6 +379,7 @@ def test_single_message_mode_sends_one_request_per_message(tmp_path: Path, datab
     assert_billing(database_url, "acme", 1_000, 300)
 
 
+@pytest.mark.slow
 def test_single_message_batches_go_out_as_concurrent_requests_under_one_mark(
         tmp_path: Path, database_url: str):
     """A single-message account sends a batch as one request per message, all at once, with one

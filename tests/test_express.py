@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 
 from harness import (
     Daemon,
@@ -32,6 +33,7 @@ from sendd.db import leases, migrate
 PIPELINE = {"claim_chunk": 200, "senders": 2, "claim_capacity": 4, "batch_capacity": 2}
 
 
+@pytest.mark.serial  # a rate or latency floor against the wall clock: not beside another test
 def test_transactional_messages_overtake_a_full_campaign_pipeline(tmp_path: Path,
                                                                    database_url: str) -> None:
     with FakeProvider("--latency-ms", "1000") as fake:

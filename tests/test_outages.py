@@ -11,6 +11,8 @@ import signal
 import time
 from typing import Any
 
+import pytest
+
 from harness import (
     Daemon,
     campaign,
@@ -80,6 +82,7 @@ def test_database_restart_mid_campaign(tmp_path, database_url, pg_server, fake_p
     assert_exactly_once(database_url, campaign_id, messages, fake_provider.stats(), credits)
 
 
+@pytest.mark.slow
 def test_provider_outage_is_retried_until_it_ends(tmp_path, database_url, fake_provider):
     messages, credits, outage = 3000, 10_000, 10.0
     config = write_config(

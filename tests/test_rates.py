@@ -5,6 +5,8 @@ the fake provider on arrival, where a loaded test machine may deliver a request 
 it with the next, so one batch of slack is allowed there and nothing more.
 """
 
+import pytest
+
 from harness import (
     API_KEY,
     Daemon,
@@ -24,6 +26,7 @@ def requests_sent(daemon: Daemon, tenant: str | None = None) -> list[tuple[float
             if tenant is None or e["tenant"] == tenant]
 
 
+@pytest.mark.serial  # a rate or latency floor against the wall clock: not beside another test
 def test_account_message_and_request_limits_hold(tmp_path, database_url, fake_provider):
     config = write_config(tmp_path / "sendd.toml", database_url, fake_provider.url,
                           accounts={"main": {"msgs_per_s": 1000, "reqs_per_s": 8,
@@ -43,6 +46,7 @@ def test_account_message_and_request_limits_hold(tmp_path, database_url, fake_pr
     assert stats["max_reqs_per_1s"][API_KEY] <= 8 + 1
 
 
+@pytest.mark.serial  # a rate or latency floor against the wall clock: not beside another test
 def test_tenant_limit_holds_beside_an_unlimited_tenant(tmp_path, database_url, fake_provider):
     config = write_config(tmp_path / "sendd.toml", database_url, fake_provider.url,
                           accounts={"main": {"max_batch": 100}})

@@ -3,28 +3,11 @@ credits, the ledger and the message state machine hold for any writer of sendd.m
 
 import asyncio
 import itertools
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import asyncpg
 import pytest
 
-from harness import ALLOWED, STATUSES
-from sendd.db import migrate
-
-
-def with_db(url: str, work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
-    """Migrate the fresh database, then run work(conn) on one asyncpg connection."""
-
-    async def run() -> Any:
-        conn = await asyncpg.connect(url)
-        try:
-            await migrate.migrate(conn)
-            return await work(conn)
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
+from harness import ALLOWED, STATUSES, with_db
 
 
 async def add_tenant(conn, tenant: str, credits: int) -> None:

@@ -4,6 +4,7 @@ a log line, `ctl status` and a metric (they would otherwise wait `queued` foreve
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from harness import (
     Daemon,
@@ -18,6 +19,7 @@ from harness import (
 )
 
 
+@pytest.mark.slow
 def test_an_account_no_daemon_serves_is_reported_once_per_account(tmp_path, database_url,
                                                                   fake_provider):
     config = write_config(tmp_path / "sendd.toml", database_url, fake_provider.url)

@@ -44,8 +44,6 @@ STATUS_INTERVAL = 5.0  # seconds between STATUS= lines to systemd
 # claimed message still in the pipeline, ~10 % of the daemon's CPU. At 50,000 it runs a few
 # times a second; what cycles it finds (trio's cancelled scopes, exceptions) wait that long.
 GC_YOUNG_THRESHOLD = 50_000
-# Actors that run for the daemon's whole life, beside the (rebuildable) pipeline.
-SERVICE_ACTORS = ("heartbeat", "housekeeper", "gauges", "control", "http")
 
 
 def tune_gc() -> None:
@@ -100,6 +98,7 @@ async def _start(config: Config, pool: Any, drain: trio.Event) -> Parts:
 
 
 def _service_actors(parts: Parts) -> list[tuple[str, Callable[..., Any]]]:
+    """The actors that run for the daemon's whole life, beside the (rebuildable) pipeline."""
     pool, lease, health = parts.pool, parts.lease, parts.health
     seconds = parts.controls.config.pipeline.lease_seconds
     housekeeper = Housekeeper(parts.accounts, parts.controls, health)
@@ -129,14 +128,15 @@ async def _serve(parts: Parts, ready: trio.Event | None) -> int:
 
     try:
         async with trio.open_nursery() as nursery:
-            for name, actor in _service_actors(parts):
+            services = _service_actors(parts)
+            for name, actor in services:
                 await nursery.start(parts.supervisor.supervise, name, actor)
-            parts.health.actors += list(SERVICE_ACTORS)
+            parts.health.actors += [name for name, _ in services]
             nursery.start_soon(_watch_signals, parts)
             nursery.start_soon(_tell_systemd, parts, notifier)
             with trio.CancelScope() as pipeline_scope:
                 nursery.start_soon(_stop_after, parts.controls, pipeline_scope)
-                await _run_pipelines(parts, on_ready)
+                await _run_pipelines(parts, on_ready, tuple(parts.health.actors))
             nursery.cancel_scope.cancel()
     except* (CrashLoop, LeaseLost) as group:
         log.error("daemon_failed", error=describe(first_leaf(group)))
@@ -193,7 +193,8 @@ async def _watch_signals(parts: Parts) -> None:
                 drain.set()
 
 
-async def _run_pipelines(parts: Parts, on_ready: Callable[[], None]) -> None:
+async def _run_pipelines(parts: Parts, on_ready: Callable[[], None],
+                         services: tuple[str, ...]) -> None:
     """Run the pipeline until a drain. A reload that changes what only a new pipeline can take
     (channel capacities, senders, accounts, retries) drains this one the same way — in-flight
     work finishes and is written — then starts the next with the new configuration."""
@@ -204,7 +205,7 @@ async def _run_pipelines(parts: Parts, on_ready: Callable[[], None]) -> None:
         async with trio.open_nursery() as watchers:
             for cause in (controls.drain, controls.rebuild):
                 watchers.start_soon(_relay, cause, stop_intake)
-            await run_pipeline(parts, stop_intake, on_ready, SERVICE_ACTORS)
+            await run_pipeline(parts, stop_intake, on_ready, services)
             watchers.cancel_scope.cancel()
         if controls.drain.is_set():
             return
