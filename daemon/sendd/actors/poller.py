@@ -120,8 +120,8 @@ async def claim_due(conn: Any, claimer: Claimer) -> Claim:
         rows = await conn.fetch(CLAIM_CAMPAIGN_MESSAGES, tenants, spendable, campaigns,
                                 per_campaign, accounts, claimer.lease.instance_id)
     messages = [Message(*row) for row in rows]
-    claimer.health.unserved.saw([r["id"] for r in campaign_rows], {m.campaign_id for m in messages},
-                         trio.current_time())
+    claimer.health.unserved.saw([r["id"] for r in campaign_rows],
+                                {m.campaign_id for m in messages}, trio.current_time())
     claimed_tenants = {m.tenant_id for m in messages}
     unserved = {t: b for t, b in budgets.items() if t not in claimed_tenants}
     return Claim(messages, unserved)
