@@ -13,7 +13,7 @@ import asyncpg
 from harness import with_db
 from sendd.actors import poller
 from sendd.commands import tenants
-from sendd.db import claims, leases
+from sendd.db import claims, leases, pauses
 
 SHARE, SLOTS = poller.CLAIM_SHARE, poller.CLAIM_SLOTS
 
@@ -110,3 +110,49 @@ def test_a_mark_is_written_only_for_messages_still_ours_under_a_lease_that_cover
         "ours": (True, True, True, False), "short lease": (False, True, True, False),
         "not ours": (False, True, False, False), "no lease": (False, False, False, False),
         "paused": (False, True, True, True), "marks": (1,)}
+
+
+def test_a_mark_is_refused_while_its_tenant_its_account_or_everything_is_paused(
+        database_url: str) -> None:
+    """The stored operator pauses (sendd.pause, migration 0012): the mark says `paused`, and
+    `stopped` too, which a daemon of the previous release reads as a stopped campaign."""
+
+    async def work(conn: asyncpg.Connection) -> dict[str, tuple[Any, ...]]:
+        await tenants.set_tenant(conn, "shop", credits=100)
+        await leases.register(conn, "d1", 60)
+        message = await conn.fetchval(
+            "INSERT INTO sendd.message (tenant_id, account, recipient, body) "
+            "VALUES ('shop', 'main', '+306900000001', 'hi') RETURNING id")
+        await conn.execute("UPDATE sendd.message SET status = 'sending', lease_owner = 'd1'")
+
+        async def mark() -> tuple[Any, ...]:
+            row = await conn.fetchrow(claims.MARK_SUBMITTED, "d1", "main", [message], 1.0, [])
+            return row["id"] is not None, row["stopped"], row["paused"]
+
+        answers = {}
+        for scope, target in [("tenant", "other"), ("account", "backup"), ("tenant", "shop"),
+                              ("account", "main"), ("all", "")]:
+            await pauses.store(conn, scope, target or None, "test")
+            answers[f"{scope} {target}"] = await mark()
+            await pauses.lift(conn, scope, target or None)
+        answers["none"] = await mark()
+        return answers
+
+    assert with_db(database_url, work) == {
+        "tenant other": (True, False, False), "account backup": (True, False, False),
+        "tenant shop": (False, True, True), "account main": (False, True, True),
+        "all ": (False, True, True), "none": (True, False, False)}
+
+
+def test_stored_pauses_load_as_one_set_per_scope(database_url: str) -> None:
+    async def work(conn: asyncpg.Connection) -> tuple[pauses.Pauses, pauses.Pauses]:
+        for scope, target in [("all", None), ("tenant", "a"), ("tenant", "b"),
+                              ("account", "main"), ("tenant", "a")]:  # twice: still one pause
+            await pauses.store(conn, scope, target, "test")
+        stored = await pauses.load(conn)
+        await pauses.lift(conn, "all", None)
+        return stored, await pauses.load(conn)
+
+    assert with_db(database_url, work) == (
+        pauses.Pauses(True, frozenset({"a", "b"}), frozenset({"main"})),
+        pauses.Pauses(False, frozenset({"a", "b"}), frozenset({"main"})))

@@ -1,9 +1,11 @@
 """The housekeeper: what the daemon does once a second besides claiming, and the NOTIFY wake-ups.
 
-Each pass (`run_once`) starts scheduled campaigns that are due, picks up tenants' rate limits
-(set by `sendd tenant` or another daemon), pauses the campaigns that have waited too long for
-an unreachable provider, and looks for messages no daemon serves. It holds a connection that
-LISTENs for `sendd_queued`, so a message queued anywhere wakes the pollers at once.
+Each pass (`run_once`) reads the operator's pauses as stored (sendd.db.pauses: set through any
+daemon; read once before the pipeline first claims), starts scheduled campaigns that are due,
+picks up tenants' rate limits (set by `sendd tenant` or another daemon), pauses the campaigns
+that have waited too long for an unreachable provider, and looks for messages no daemon
+serves. It holds a connection that LISTENs for `sendd_queued`, so a message queued anywhere
+wakes the pollers at once.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import structlog
 import trio
 
+from sendd.db import pauses
 from sendd.db.connection import listening
 from sendd.db.retry import keep_connected
 from sendd.state import unserved
@@ -51,6 +54,7 @@ class Housekeeper:
     health: Health
 
     async def run_once(self, conn: Any) -> None:
+        await self.refresh_pauses(conn)
         started = await conn.execute(START_SCHEDULED)
         if started != "UPDATE 0":
             self.controls.wake_pollers()
@@ -58,6 +62,14 @@ class Housekeeper:
             self.accounts.governor.set_tenant(row["id"], row["rate_msgs_per_s"])
         await self.pause_for_unreachable(conn)
         await unserved.check(conn, self.health.unserved, trio.current_time(), log)
+
+    async def refresh_pauses(self, conn: Any) -> None:
+        """The stored pauses become this daemon's (a lifted one wakes the pollers), unless a
+        pause or resume command came in during the read."""
+        commands = self.controls.pause_commands
+        stored = await pauses.load(conn)
+        if commands == self.controls.pause_commands:
+            self.controls.apply_pauses(stored)
 
     async def pause_for_unreachable(self, conn: Any) -> None:
         after = self.controls.config.retry.provider_down_pause
@@ -81,6 +93,7 @@ async def run_housekeeper(
     async def session(conn: Any) -> None:
         nonlocal task_status
         async with listening(conn, "sendd_queued", on_notify):
+            await housekeeper.refresh_pauses(conn)  # before the pipeline starts claiming
             task_status.started()
             task_status = trio.TASK_STATUS_IGNORED  # ready once, not on every reconnect
             while True:

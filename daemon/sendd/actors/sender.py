@@ -122,7 +122,8 @@ class Sender:
     async def mark_submitted(self, batch: Batch) -> tuple[int | None, str]:
         """Write the durable mark before the request, fenced by this daemon's lease and claims;
         (None, why) if it must not be sent: a claim of the batch was undone (a PostgreSQL
-        crash, a cancel), or a campaign of it was cancelled or paused.
+        crash, a cancel), a campaign of it was cancelled or paused, or an operator pause
+        (sendd.pause) covers its tenant, its account or everything.
 
         While the database is away this waits (and the pipeline behind it stops); the
         heartbeat decides when the outage has outlived the lease.
@@ -138,6 +139,8 @@ class Sender:
                 return answer["id"], ""
             if not answer["alive"]:
                 raise LeaseLost(f"lease of instance {self.lease.instance_id} ended; not sending")
+            if answer["paused"]:
+                return None, "paused"  # an operator pause of its tenant, account or all
             if answer["stopped"]:
                 return None, "campaign_stopped"
             if not answer["held"]:

@@ -21,6 +21,7 @@ from sendd.commands import campaigns
 from sendd.config import AccountConfig, ConfigError
 from sendd.control.protocol import Request, error_reply, show
 from sendd.control.reload import reload_config
+from sendd.db import pauses
 from sendd.db.connection import CONNECTION_ERRORS
 from sendd.errors import UserError, describe
 from sendd.state.accounts import Accounts
@@ -101,19 +102,24 @@ def _paused(controls: Controls) -> dict[str, Any]:
 
 async def pause(daemon: RunningDaemon, db: trio.CapacityLimiter,
                 args: dict[str, Any]) -> dict[str, Any]:
-    """Stop claiming; what is already claimed finishes."""
+    """Stop claiming and marking: once this returns, only requests already marked go out (what
+    is claimed but unmarked goes back to the queue). Stored (sendd.db.pauses), so every daemon
+    on the database holds back within a housekeeper pass, and after a restart too."""
     scope, ident = args["scope"], args["id"]
     controls = daemon.controls
     if scope == "campaign":
         return {"ok": True, **await _on_database(daemon, db, functools.partial(
             campaigns.pause, campaign_id=ident))}
+    await _check_target(daemon, db, scope, ident)
+    reason = f"sendd ctl pause through instance {daemon.lease.instance_id}"
+    await _on_database(daemon, db, functools.partial(
+        pauses.store, scope=scope, target=ident, reason=reason))
+    controls.pause_commands += 1
     if scope == "all":
         controls.paused_all = True
     elif scope == "tenant":
-        await _check_tenant(daemon, db, ident)
         controls.paused_tenants.add(ident)
     else:
-        _account(controls, ident)
         controls.paused_accounts.add(ident)
     return {"ok": True, "scope": scope, "id": ident, "paused": _paused(controls)}
 
@@ -127,13 +133,15 @@ async def resume(daemon: RunningDaemon, db: trio.CapacityLimiter,
     if scope == "campaign":
         reply |= await _on_database(daemon, db, functools.partial(
             campaigns.resume, campaign_id=ident))
-    elif scope == "all":
+    else:
+        await _check_target(daemon, db, scope, ident)
+        await _on_database(daemon, db, functools.partial(pauses.lift, scope=scope, target=ident))
+        controls.pause_commands += 1
+    if scope == "all":
         controls.paused_all = False
     elif scope == "tenant":
-        await _check_tenant(daemon, db, ident)
         controls.paused_tenants.discard(ident)
-    else:
-        _account(controls, ident)
+    elif scope == "account":
         controls.paused_accounts.discard(ident)
         reason = daemon.accounts.suspended.pop(ident, None)
         if reason is not None:
@@ -145,6 +153,14 @@ async def resume(daemon: RunningDaemon, db: trio.CapacityLimiter,
 
 
 TENANT_EXISTS = "SELECT EXISTS (SELECT 1 FROM sendd.tenant WHERE id = $1)"
+
+
+async def _check_target(daemon: RunningDaemon, db: trio.CapacityLimiter, scope: str,
+                        ident: str | None) -> None:
+    if scope == "tenant":
+        await _check_tenant(daemon, db, str(ident))
+    elif scope == "account":
+        _account(daemon.controls, str(ident))
 
 
 async def _check_tenant(daemon: RunningDaemon, db: trio.CapacityLimiter, tenant: str) -> None:

@@ -60,7 +60,8 @@ SELECT * FROM sendd.claim_express(
 # A request's submission mark, before it goes out: $1 instance, $2 account, $3 message ids,
 # $4 seconds the lease must still have, $5 the messages' campaigns. Columns: id (NULL: not
 # written), alive (the lease is live), held (every message still ours), stopped (a campaign is
-# cancelled or paused).
+# cancelled or paused, or a pause), paused (an operator pause of its tenant, account or all:
+# sendd.pause, migration 0012).
 MARK_SUBMITTED = """
 SELECT * FROM sendd.mark_submitted(
     instance => $1, account => $2, message_ids => $3::bigint[], lease_margin => $4,

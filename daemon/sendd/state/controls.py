@@ -1,7 +1,8 @@
 """What the operator steers: the configuration in force, pauses, the drain, a pipeline rebuild.
 
 Written by the control socket and signals (sendd.control), read by the pollers (what to claim),
-the senders (account settings) and status. One writer per field: the control commands.
+the senders (account settings) and status. One writer per field: the control commands, but for
+the pauses, which the housekeeper also sets from where they are stored (sendd.db.pauses).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 import trio
 
 from sendd.config import AccountConfig, Config
+from sendd.db.pauses import Pauses
 
 
 @dataclass
@@ -21,6 +23,9 @@ class Controls:
     paused_all: bool = False
     paused_tenants: set[str] = field(default_factory=set)
     paused_accounts: set[str] = field(default_factory=set)
+    # Counts the pause and resume commands: the housekeeper drops a read of the stored pauses
+    # that a command overtook (its snapshot may predate the command's commit).
+    pause_commands: int = 0
     # "Please stop": set by SIGTERM/SIGINT or the `drain` command.
     drain: trio.Event = field(default_factory=trio.Event)
     # A reload that needs a new pipeline puts its configuration in `next_config`, then sets
@@ -38,3 +43,14 @@ class Controls:
         """New work may be claimable (queued, a pause lifted, an account back)."""
         self.wakeup.set()
         self.wakeup = trio.Event()
+
+    def apply_pauses(self, pauses: Pauses) -> bool:
+        """Take the pauses as stored; True when one was lifted (the pollers are woken)."""
+        lifted = ((self.paused_all and not pauses.all)
+                  or not self.paused_tenants <= pauses.tenants
+                  or not self.paused_accounts <= pauses.accounts)
+        self.paused_all = pauses.all
+        self.paused_tenants, self.paused_accounts = set(pauses.tenants), set(pauses.accounts)
+        if lifted:
+            self.wake_pollers()
+        return lifted
