@@ -11,7 +11,7 @@ import structlog
 from sendd.config import AccountConfig, PipelineConfig, RetryConfig
 from sendd.core.ratelimit import Governor
 from sendd.metrics import Metrics
-from sendd.pipeline import Parts
+from sendd.pipeline import Parts, governor_for
 from sendd.state.accounts import Accounts
 from sendd.state.controls import Controls
 from sendd.state.health import Health
@@ -35,12 +35,11 @@ def claim_config(accounts: list[AccountConfig], chunk: int = 1000, **pipeline: A
 def make_parts(config: Any, *, instance_id: str = "test", pool: Any = None,
                providers: dict[str, Any] | None = None, lease_until: float = 0.0,
                governor: Governor | None = None, now: float = 0.0) -> Parts:
-    """State for `config` (a real Config or a claim_config); accounts unlimited unless
-    `governor` says otherwise. `now`: the trio time the daemon started (0 outside trio)."""
+    """State for `config` (a real Config or a claim_config); accounts at their configured
+    limits unless `governor` says otherwise. `now`: the trio time the daemon started (0
+    outside trio)."""
     if governor is None:
-        governor = Governor()
-        for name in config.accounts:
-            governor.set_account(name, 0, 0)
+        governor = governor_for(config.accounts.values())
     accounts = Accounts(providers or {}, governor)
     health = Health(60.0, started=now)
     return Parts(pool, Lease(instance_id, lease_until), accounts, Controls(config), health,

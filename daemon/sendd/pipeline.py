@@ -11,6 +11,7 @@ downstream finishes as its input channel ends.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,7 @@ from sendd.actors.reaper import Reaper, run_reaper
 from sendd.actors.sender import Sender, run_sender
 from sendd.actors.settler import LOOKUP_CONCURRENCY, Settler, run_settler
 from sendd.actors.writer import Store, run_writer
-from sendd.config import Config, PipelineConfig
+from sendd.config import AccountConfig, Config, PipelineConfig
 from sendd.core.breaker import Breakers
 from sendd.core.ratelimit import Governor
 from sendd.metrics import Metrics
@@ -75,12 +76,18 @@ class Parts:
         return Settler(self.accounts, self.controls)
 
 
+def governor_for(accounts: Iterable[AccountConfig]) -> Governor:
+    """A rate governor with each account's configured limits."""
+    governor = Governor()
+    for account in accounts:
+        governor.set_account(account.name, account.msgs_per_s, account.reqs_per_s)
+    return governor
+
+
 def build_parts(config: Config, pool: Any, instance_id: str, lease_until: float,
                 drain: trio.Event | None = None) -> Parts:
     """The state objects of a daemon running `config` (providers opened, limits set)."""
-    governor = Governor()
-    for account in config.accounts.values():
-        governor.set_account(account.name, account.msgs_per_s, account.reqs_per_s)
+    governor = governor_for(config.accounts.values())
     connections = provider_connections(config.pipeline)
     providers = {name: open_provider(account, connections)
                  for name, account in config.accounts.items()}

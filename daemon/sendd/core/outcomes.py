@@ -25,13 +25,6 @@ class Reaction:
     retry_after: float | None = None  # ... for at least this long, when the provider said
     accepted: bool = False  # an answer accepted the request: speed up again
 
-    @property
-    def nothing(self) -> bool:
-        return self == NO_REACTION
-
-
-NO_REACTION = Reaction()
-
 
 def react_to(responses: list[base.SendResponse]) -> Reaction:
     """One reaction for the answers of a batch (one 429 among fifty halves the rate once)."""
