@@ -38,6 +38,7 @@ from sendd.model import (
 )
 from sendd.pipeline import Parts
 from sendd.providers.base import LookupResult
+from sendd.state.scheduler import Scheduler
 
 MARKED = 1  # a submission id: the batch comes marked, as the express lane's do
 LEASE = 10_000.0  # trio seconds the test lease lasts
@@ -171,14 +172,14 @@ async def test_the_batcher_lingers_exactly_then_flushes(clock: trio.testing.Mock
     parts = _parts(MemoryProvider(), max_batch=10)
     config = claim_config([account("main", max_batch=10)], linger_ms=50)
     claims_send, claims_recv = trio.open_memory_channel[Any](4)
-    batches_send, batches_recv = trio.open_memory_channel[Any](8)
+    scheduler = Scheduler(parts.accounts, parts.controls, capacity=8)
     async with trio.open_nursery() as nursery:
         await nursery.start(run_batcher, parts.accounts, parts.controls, config.pipeline,
-                            claims_recv, batches_send)
+                            scheduler, claims_recv)
         await claims_send.send(_messages(13))
-        full = await batches_recv.receive()
-        assert (len(full.messages), trio.current_time()) == (10, 0.0)  # full: at once
-        rest = await batches_recv.receive()
-        assert (len(rest.messages), trio.current_time()) == (3, 0.05)  # after the linger
+        full = await scheduler.take()
+        assert (len(full.batch.messages), trio.current_time()) == (10, 0.0)  # full: at once
+        rest = await scheduler.take()
+        assert (len(rest.batch.messages), trio.current_time()) == (3, 0.05)  # after the linger
         await claims_send.aclose()
-    assert [b async for b in batches_recv] == []
+    assert await scheduler.take() is None  # closed once the claims ended

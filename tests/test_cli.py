@@ -54,7 +54,8 @@ def snapshot(url: str) -> dict[str, Any]:
     counts = {t: scalar(url, f"SELECT count(*) FROM sendd.{t}") for t in sorted(tables)}
     if "tenant" in tables:
         counts["tenants"] = [tuple(r) for r in query(
-            url, "SELECT id, credits, active, rate_msgs_per_s FROM sendd.tenant ORDER BY id")]
+            url, "SELECT id, credits, active, rate_msgs_per_s, weight FROM sendd.tenant "
+                 "ORDER BY id")]
         counts["campaigns"] = [tuple(r) for r in query(
             url, "SELECT id, status, total FROM sendd.campaign ORDER BY id")]
     return counts
@@ -120,6 +121,34 @@ def test_tenant_set_refuses_negative_values(config, database_url, args, mention)
     assert_user_error(run_cli("tenant", "set", "acme", *args, config=config), mention)
     assert snapshot(database_url) == before
     assert scalar(database_url, "SELECT credits FROM sendd.tenant") == 10
+
+
+def test_tenant_weight_is_stored_kept_and_shown(config, database_url):
+    assert sendd_json(config, "tenant", "set", "acme")["weight"] == 1  # a new tenant weighs 1
+    assert sendd_json(config, "tenant", "set", "acme", "--weight", "3")["weight"] == 3
+    assert scalar(database_url, "SELECT weight FROM sendd.tenant WHERE id = 'acme'") == 3
+    row = sendd_json(config, "tenant", "set", "acme", "--rate", "50", "--credits", "10")
+    assert (row["weight"], row["rate_msgs_per_s"], row["credits"]) == (3, 50, 10)
+    row = sendd_json(config, "tenant", "set", "shop", "--weight", "1000")  # created with it
+    assert (row["id"], row["weight"]) == ("shop", 1000)
+    assert sendd_json(config, "tenant", "set", "acme", "--weight", "1")["weight"] == 1
+    assert [tuple(r) for r in query(
+        database_url, "SELECT id, weight FROM sendd.tenant ORDER BY id")] == [
+        ("acme", 1), ("shop", 1000)]
+
+
+def test_tenant_set_refuses_a_bad_weight_and_changes_nothing(config, database_url):
+    sendd(config, "tenant", "set", "acme", "--credits", "10", "--weight", "3")
+    before = snapshot(database_url)
+    # On an existing tenant with another change beside it, and on a tenant it would create.
+    commands = [["tenant", "set", "acme", "--weight", value, "--credits", "20"]
+                for value in ["0", "1001", "-1", "2.5", "x", "", "99999999999999999999"]]
+    commands += [["tenant", "set", "newco", "--weight", value] for value in ["0", "1001"]]
+    for result in run_many(commands, config):
+        assert_user_error(result, "argument --weight: must be an integer")
+    assert snapshot(database_url) == before
+    assert [tuple(r) for r in query(database_url, "SELECT id, credits, weight FROM sendd.tenant")
+            ] == [("acme", 10, 3)]
 
 
 def test_tenant_credits_cannot_drop_below_segments_in_flight(config, database_url):

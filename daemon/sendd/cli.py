@@ -16,7 +16,7 @@ from sendd.config import Config, ConfigError, load_config, masked
 from sendd.db import connection as db
 from sendd.db import migrate
 from sendd.errors import UserError, describe
-from sendd.options import BIGINT_MAX, MAX_RATE, integer_between, short_name, text
+from sendd.options import BIGINT_MAX, MAX_RATE, MAX_WEIGHT, integer_between, short_name, text
 
 EXIT_USER_ERROR = 2
 
@@ -140,6 +140,9 @@ def _add_tenant(commands: Any, common: argparse.ArgumentParser) -> None:
                      help="add to (or, negative, take from) credits")
     sub.add_argument("--rate", type=integer_between(0, MAX_RATE), metavar="MSGS_PER_S",
                      help="the tenant's message rate limit (0 = unlimited)")
+    sub.add_argument("--weight", type=integer_between(1, MAX_WEIGHT), metavar="N",
+                     help="the tenant's share of the throughput beside other busy tenants "
+                          f"(1 to {MAX_WEIGHT}; new tenants weigh 1)")
     sub.add_argument("--active", dest="active", action="store_true", default=None,
                      help="let the tenant's messages be sent")
     sub.add_argument("--inactive", dest="active", action="store_false",
@@ -149,7 +152,7 @@ def _add_tenant(commands: Any, common: argparse.ArgumentParser) -> None:
 def _tenant_set(args: argparse.Namespace, config: Config) -> None:
     row = with_connection(config, lambda conn: tenants.set_tenant(
         conn, args.tenant, credits=args.credits, add_credits=args.add_credits,
-        rate=args.rate, active=args.active))
+        rate=args.rate, weight=args.weight, active=args.active))
     print_json(row)
 
 

@@ -91,6 +91,14 @@ class StateCollector(Collector):
             capacity.add_metric([name], stats.max_buffer_size)
         yield used
         yield capacity
+        waiting = GaugeMetricFamily(
+            "sendd_waiting_messages",
+            "Claimed campaign messages waiting to be sent, by what the next of them waits for",
+            labels=["account", "tenant", "reason"])
+        for entry in rt.waiting():
+            waiting.add_metric([entry["account"], entry["tenant"], entry["for"]],
+                               entry["messages"])
+        yield waiting
         yield _breaker_states(self.accounts)
         unserved = GaugeMetricFamily(
             "sendd_unserved_messages", "Queued messages whose account no running daemon serves",

@@ -10,6 +10,7 @@ from collections.abc import Callable
 BIGINT_MAX = 2**63 - 1  # PostgreSQL bigint: campaign ids, credits
 MAX_RATE = 1_000_000  # messages or requests a second, as accounts.*.msgs_per_s allows
 MAX_NAME = 200  # tenant, account and campaign names
+MAX_WEIGHT = 1000  # a tenant's weight (sendd.tenant.weight's CHECK)
 
 
 def integer_between(lo: int, hi: int) -> Callable[[str], int]:

@@ -1,11 +1,12 @@
 """The pipeline: its channels, and its actors started tail first with the state each one uses.
 
-    poller × 2 ─[claims]─► batcher ─[batches]─► sender × N ─[results]─► writer
+    poller × 2 ─[claims]─► batcher ─[scheduler]─► sender × N ─[results]─► writer
     express poller ─[express]─► express sender × 8 ─┤   (transactional; marked by the claim)
       reaper ─[unsettled]─► settler ─[results]─┘   (senders hand ambiguous batches to the settler)
 
-A drain (or a rebuild) cancels only the intake (pollers, express poller, reaper); everything
-downstream finishes as its input channel ends.
+The scheduler (sendd.state.scheduler) is where campaign batches wait for their limits, so that
+senders only take what may go now. A drain (or a rebuild) cancels only the intake (pollers,
+express poller, reaper); everything downstream finishes as its input ends.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from sendd.actors.batcher import run_batcher
 from sendd.actors.express import EXPRESS_CAPACITY, EXPRESS_SENDERS, run_express_poller
 from sendd.actors.poller import CAMPAIGN_POLLERS, Claimer, run_poller
 from sendd.actors.reaper import Reaper, run_reaper
-from sendd.actors.sender import Sender, run_sender
+from sendd.actors.sender import Sender, run_scheduled_sender, run_sender
 from sendd.actors.settler import LOOKUP_CONCURRENCY, Settler, run_settler
+from sendd.actors.stopper import run_stopper
 from sendd.actors.writer import Store, run_writer
 from sendd.config import AccountConfig, Config, PipelineConfig
 from sendd.core.breaker import Breakers
@@ -34,6 +36,7 @@ from sendd.state.accounts import Accounts
 from sendd.state.controls import Controls
 from sendd.state.health import Health
 from sendd.state.lease import Lease, LeaseLost
+from sendd.state.scheduler import Scheduler
 from sendd.supervisor import Supervisor
 
 log = structlog.get_logger()
@@ -59,8 +62,8 @@ class Parts:
     metrics: Metrics
     supervisor: Supervisor
 
-    def claimer(self) -> Claimer:
-        return Claimer(self.lease, self.accounts, self.controls, self.health)
+    def claimer(self, scheduler: Scheduler | None = None) -> Claimer:
+        return Claimer(self.lease, self.accounts, self.controls, self.health, scheduler)
 
     def sender(self) -> Sender:
         return Sender(self.pool, self.lease, self.accounts, self.controls, self.health,
@@ -104,15 +107,14 @@ def build_parts(config: Config, pool: Any, instance_id: str, lease_until: float,
 class Channels:
     """The pipeline's memory channels; status and metrics read their fill (`health.channels`)."""
 
-    def __init__(self, cfg: PipelineConfig, health: Health) -> None:
+    def __init__(self, cfg: PipelineConfig, health: Health, scheduler: Scheduler) -> None:
         self.claims_send, self.claims_recv = trio.open_memory_channel[Any](cfg.claim_capacity)
-        self.batches_send, self.batches_recv = trio.open_memory_channel[Any](cfg.batch_capacity)
         self.results_send, self.results_recv = trio.open_memory_channel[Any](cfg.result_capacity)
         self.unsettled_send, self.unsettled_recv = trio.open_memory_channel[Any](
             UNSETTLED_CAPACITY)
         self.express_send, self.express_recv = trio.open_memory_channel[Any](EXPRESS_CAPACITY)
         # statistics() of either end reads the shared buffer.
-        health.channels = {"claims": self.claims_recv, "batches": self.batches_send,
+        health.channels = {"claims": self.claims_recv, "batches": scheduler,
                            "results": self.results_recv, "unsettled": self.unsettled_recv,
                            "express": self.express_recv}
 
@@ -123,29 +125,36 @@ async def run_pipeline(parts: Parts, stop_intake: trio.Event, on_ready: Any,
     cfg = parts.controls.config.pipeline
     health = parts.health
     health.actors = [a for a in health.actors if a in service_actors]
-    ch = Channels(cfg, health)
+    scheduler = Scheduler(parts.accounts, parts.controls, cfg.batch_capacity)
+    parts.health.scheduler = scheduler
+    ch = Channels(cfg, health, scheduler)
 
     def start(nursery: trio.Nursery, name: str, actor: Any, *channels: Any) -> Any:
         health.actors.append(name)
         run = functools.partial(parts.supervisor.supervise, name, actor, channels=channels)
         return nursery.start(run)
 
-    sender, claimer = parts.sender(), parts.claimer()
+    sender, claimer = parts.sender(), parts.claimer(scheduler)
     async with trio.open_nursery() as tail:
         await start(tail, "writer", functools.partial(run_writer, parts.store(), cfg),
                     ch.results_recv)
         await start(tail, "settler", functools.partial(run_settler, parts.settler()),
                     ch.unsettled_recv, ch.results_send.clone())
-        for lane, receive in (("sender", ch.batches_recv), ("express-sender", ch.express_recv)):
-            count = cfg.senders if lane == "sender" else EXPRESS_SENDERS
-            for number in range(count):
-                await start(tail, f"{lane}-{number}", functools.partial(run_sender, sender),
-                            receive.clone(), ch.results_send.clone(), ch.unsettled_send.clone())
+        for number in range(cfg.senders):
+            await start(tail, f"sender-{number}",
+                        functools.partial(run_scheduled_sender, sender, scheduler),
+                        ch.results_send.clone(), ch.unsettled_send.clone())
+        for number in range(EXPRESS_SENDERS):
+            await start(tail, f"express-sender-{number}", functools.partial(run_sender, sender),
+                        ch.express_recv.clone(), ch.results_send.clone(),
+                        ch.unsettled_send.clone())
+        await start(tail, "stopper", functools.partial(run_stopper, parts.pool, scheduler))
         await start(tail, "batcher",
-                    functools.partial(run_batcher, parts.accounts, parts.controls, cfg),
-                    ch.claims_recv, ch.batches_send)
+                    functools.partial(run_batcher, parts.accounts, parts.controls, cfg,
+                                      scheduler),
+                    ch.claims_recv)
         # Only the clones handed out keep these open now, so the ends propagate downstream.
-        for end in (ch.batches_recv, ch.express_recv, ch.results_send):
+        for end in (ch.express_recv, ch.results_send):
             await end.aclose()
         async with trio.open_nursery() as intake:
             for number in range(1, CAMPAIGN_POLLERS + 1):

@@ -1,4 +1,5 @@
-"""The batcher: groups claimed messages into provider batches per account and tenant.
+"""The batcher: groups claimed messages into provider batches per account and tenant, and
+puts them in the scheduler (sendd.state.scheduler), where they wait for what they may need.
 
 A batch is flushed when it reaches the account's batch size (which also respects the rate
 limits, so one batch never needs more than one second's allowance) or after the linger.
@@ -16,6 +17,7 @@ from sendd.core.batching import BatchBuilder
 from sendd.model import Batch, Message
 from sendd.state.accounts import Accounts
 from sendd.state.controls import Controls
+from sendd.state.scheduler import Scheduler
 
 
 def group_by_destination(messages: Iterable[Message]) -> dict[tuple[str, str], list[Message]]:
@@ -35,11 +37,12 @@ async def run_batcher(
     accounts: Accounts,
     controls: Controls,
     pipeline: PipelineConfig,
+    scheduler: Scheduler,
     claims: trio.MemoryReceiveChannel[list[Message]],
-    batches: trio.MemorySendChannel[Batch],
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Batch until the claims channel ends, then flush what is pending and close `batches`."""
+    """Batch into the scheduler until the claims channel ends, then flush what is pending and
+    close the scheduler."""
     def max_batch(key: tuple[str, str]) -> int:
         account, tenant = key
         return accounts.max_batch(controls.account(account), tenant)
@@ -51,9 +54,9 @@ async def run_batcher(
 
     async def emit(ready: list[tuple[tuple[str, str], list[Message]]]) -> None:
         for (account, tenant), messages in ready:
-            await batches.send(Batch(account, tenant, messages))
+            await scheduler.put(Batch(account, tenant, messages))
 
-    async with batches:
+    async with claims:
         task_status.started()
         while True:
             deadline = builder.next_deadline()
@@ -63,6 +66,7 @@ async def run_batcher(
                     chunk = await claims.receive()
                 except trio.EndOfChannel:
                     await emit(builder.drain())
+                    scheduler.close()
                     return
             now = trio.current_time()
             for key, messages in group_by_destination(chunk or ()).items():

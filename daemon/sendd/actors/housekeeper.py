@@ -2,9 +2,9 @@
 
 Each pass (`run_once`) reads the operator's pauses as stored (sendd.db.pauses: set through any
 daemon; read once before the pipeline first claims), starts scheduled campaigns that are due,
-picks up tenants' rate limits (set by `sendd tenant` or another daemon), pauses the campaigns
-that have waited too long for an unreachable provider, and looks for messages no daemon
-serves. It holds a connection that LISTENs for `sendd_queued`, so a message queued anywhere
+picks up tenants' rate limits and weights (set by `sendd tenant` or another daemon), pauses
+the campaigns that have waited too long for an unreachable provider, and looks for messages no
+daemon serves. It holds a connection that LISTENs for `sendd_queued`, so a message queued anywhere
 wakes the pollers at once.
 """
 
@@ -33,7 +33,7 @@ UPDATE sendd.campaign SET status = 'sending', started_at = now()
 WHERE status = 'scheduled' AND scheduled_at <= now()
 """
 
-TENANT_RATES = "SELECT id, rate_msgs_per_s FROM sendd.tenant"
+TENANT_SETTINGS = "SELECT id, rate_msgs_per_s, weight FROM sendd.tenant"
 
 # Campaigns with messages waiting for an account whose provider has been unreachable for
 # `retry.provider_down_pause`: paused with the reason instead of waiting on unseen (an operator
@@ -58,8 +58,7 @@ class Housekeeper:
         started = await conn.execute(START_SCHEDULED)
         if started != "UPDATE 0":
             self.controls.wake_pollers()
-        for row in await conn.fetch(TENANT_RATES):
-            self.accounts.governor.set_tenant(row["id"], row["rate_msgs_per_s"])
+        await self.refresh_tenants(conn)
         await self.pause_for_unreachable(conn)
         await unserved.check(conn, self.health.unserved, trio.current_time(), log)
 
@@ -70,6 +69,17 @@ class Housekeeper:
         stored = await pauses.load(conn)
         if commands == self.controls.pause_commands:
             self.controls.apply_pauses(stored)
+
+    async def refresh_tenants(self, conn: Any) -> None:
+        """The tenants' rate limits go to the governor; their weights replace
+        `controls.tenant_weights` whole (only those that are not 1: a tenant not there weighs 1,
+        so a weight set back to 1, or a tenant deleted, drops out)."""
+        weights = {}
+        for row in await conn.fetch(TENANT_SETTINGS):
+            self.accounts.governor.set_tenant(row["id"], row["rate_msgs_per_s"])
+            if row["weight"] != 1:
+                weights[row["id"]] = float(row["weight"])
+        self.controls.tenant_weights = weights
 
     async def pause_for_unreachable(self, conn: Any) -> None:
         after = self.controls.config.retry.provider_down_pause

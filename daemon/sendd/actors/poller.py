@@ -25,6 +25,7 @@ from sendd.state.accounts import Accounts
 from sendd.state.controls import Controls
 from sendd.state.health import Health
 from sendd.state.lease import Lease
+from sendd.state.scheduler import Scheduler
 
 log = structlog.get_logger()
 
@@ -78,6 +79,9 @@ class Claimer:
     accounts: Accounts
     controls: Controls
     health: Health
+    # Where claimed batches wait (the campaign pipeline's): claims are sized to what it can let
+    # out soon. None (the express lane, tests): no sizing.
+    scheduler: Scheduler | None = None
     budgets: dict[str, int] = field(default_factory=dict)
 
     def claimable_accounts(self) -> list[str]:
@@ -85,6 +89,46 @@ class Claimer:
         the provider, not held back by their breaker."""
         held = self.controls.paused_accounts | self.accounts.held_back()
         return [a for a in self.controls.config.accounts if a not in held]
+
+    def account_rooms(self) -> dict[str, int]:
+        """The claimable accounts with room in the scheduler, and how many messages each."""
+        rooms = {}
+        for name in self.claimable_accounts():
+            if self.scheduler is None:
+                rooms[name] = CLAIM_SHARE
+                continue
+            one_batch = self.accounts.max_batch(self.controls.account(name), None)
+            room = self.scheduler.room_for_account(name, one_batch)
+            if room > 0:
+                rooms[name] = room
+        return rooms
+
+    def tenant_room(self, tenant: str, accounts: list[str]) -> int | None:
+        """Messages a claim may take for a limited tenant (None: no limit)."""
+        if self.scheduler is None:
+            return None
+        one_batch = max(self.accounts.max_batch(self.controls.account(a), tenant)
+                        for a in accounts)
+        return self.scheduler.room_for_tenant(tenant, one_batch)
+
+
+def campaign_shares(campaigns: list[tuple[int, str]], chunk: int,
+                    rooms: dict[str, int | None], weights: dict[str, float]) -> list[int]:
+    """How many messages a claim takes from each campaign (in the order given): the chunk split
+    between the tenants by weight (a limited tenant's share at most its room), and each
+    tenant's share between its campaigns; at least one each."""
+    by_tenant: dict[str, int] = {}
+    for _, tenant in campaigns:
+        by_tenant[tenant] = by_tenant.get(tenant, 0) + 1
+    total_weight = sum(weights.get(t, 1.0) for t in by_tenant)
+    shares = []
+    for _, tenant in campaigns:
+        share = chunk * weights.get(tenant, 1.0) / total_weight
+        room = rooms.get(tenant)
+        if room is not None:
+            share = min(share, room)
+        shares.append(max(1, math.ceil(share / by_tenant[tenant])))
+    return shares
 
 
 @dataclass
@@ -98,13 +142,20 @@ async def claim_due(conn: Any, claimer: Claimer) -> Claim:
     every sending campaign. (Transactional messages take the express lane: sendd.actors.express.)"""
     if claimer.controls.paused_all:  # operator pause (control socket): claim nothing until resumed
         return Claim([], {})
-    chunk = claimer.controls.config.pipeline.claim_chunk
-    accounts = claimer.claimable_accounts()
+    rooms = claimer.account_rooms()
+    accounts = sorted(rooms)
+    if not accounts:
+        return Claim([], {})
+    chunk = min(claimer.controls.config.pipeline.claim_chunk, sum(rooms.values()))
     paused = sorted(claimer.controls.paused_tenants)
     async with conn.transaction():
-        campaign_rows = await conn.fetch(ACTIVE_CAMPAIGNS, paused)
+        active = await conn.fetch(ACTIVE_CAMPAIGNS, paused)
+        tenant_rooms = {t: claimer.tenant_room(t, accounts)
+                        for t in {r["tenant_id"] for r in active}}
+        # A limited tenant with a second of its rate waiting already gets nothing this time.
+        campaign_rows = [r for r in active if _has_room(tenant_rooms[r["tenant_id"]])]
         tenants = sorted({r["tenant_id"] for r in campaign_rows})
-        if not tenants or not accounts:
+        if not tenants:
             return Claim([], {})
         # A slot or alone, by the budget this daemon saw last (a tenant it has not seen yet is
         # claimed alone once): a guess only, the budget is read again under the locks, with
@@ -114,17 +165,30 @@ async def claim_due(conn: Any, claimer: Claimer) -> Claim:
                                 CLAIM_LOCK_SPACE, *CAMPAIGN_SLOTS)
         budgets = {r["tenant_id"]: r["budget"] for r in rows}
         claimer.budgets.update(budgets)
-        spendable = [r["spendable"] for r in rows]  # in the order of `tenants`
-        per_campaign = math.ceil(chunk / len(campaign_rows))
+        # What each may spend, in the order of `tenants`; a limited tenant no more segments
+        # than its room (a message is at least one segment).
+        spendable = [_at_most(r["spendable"], tenant_rooms[r["tenant_id"]]) for r in rows]
+        shares = campaign_shares([(r["id"], r["tenant_id"]) for r in campaign_rows], chunk,
+                                 tenant_rooms, claimer.controls.tenant_weights)
         campaigns = [r["id"] for r in campaign_rows]
         rows = await conn.fetch(CLAIM_CAMPAIGN_MESSAGES, tenants, spendable, campaigns,
-                                per_campaign, accounts, claimer.lease.instance_id)
+                                shares, accounts, claimer.lease.instance_id)
     messages = [Message(*row) for row in rows]
+    if claimer.scheduler is not None:
+        claimer.scheduler.claimed(messages)
     claimer.health.unserved.saw([r["id"] for r in campaign_rows],
                                 {m.campaign_id for m in messages}, trio.current_time())
     claimed_tenants = {m.tenant_id for m in messages}
     unserved = {t: b for t, b in budgets.items() if t not in claimed_tenants}
     return Claim(messages, unserved)
+
+
+def _has_room(room: int | None) -> bool:
+    return room is None or room > 0
+
+
+def _at_most(value: int, room: int | None) -> int:
+    return value if room is None else min(value, room)
 
 
 async def pause_starved(conn: Any, unserved: dict[str, int]) -> None:

@@ -24,6 +24,7 @@ from sendd.state.accounts import Accounts
 from sendd.state.controls import Controls
 from sendd.state.health import Health
 from sendd.state.lease import Lease, LeaseLost
+from sendd.state.scheduler import Scheduler
 
 log = structlog.get_logger()
 
@@ -51,9 +52,10 @@ class Sender:
     health: Health
     metrics: Metrics
 
-    async def send_batch(self, batch: Batch) -> Sent:
+    async def send_batch(self, batch: Batch, waited: float | None = None) -> Sent:
         """One batch through breaker, governor, mark (unless it has one) and provider; a 413
-        splits it and sends the halves.
+        splits it and sends the halves. `waited`: the seconds a batch from the scheduler
+        waited there for its grant, which it holds as of now (None: wait for one here).
 
         The mark comes after the governor's wait, so that a batch waiting for its rate is still
         only claimed (a cancel or pause takes it back, and a crash puts it back untouched); the
@@ -62,8 +64,9 @@ class Sender:
         if not self.accounts.may_send(batch.account):
             return [released(batch)]  # put back at once, not after a wait for the rate
         settings = self.controls.account(batch.account)
-        # Waiting for the rate governor is not being wedged (a 429 can ask for minutes).
-        waited = await self._rate_grant(batch)
+        if waited is None:
+            # Waiting for the rate governor is not being wedged (a 429 can ask for minutes).
+            waited = await self._rate_grant(batch)
         granted = trio.current_time()
         ticket = self.accounts.breakers.admit(batch.account, granted,
                                               settings.timeout + LEASE_MARGIN)
@@ -264,11 +267,38 @@ async def run_sender(
     async with batches, results, unsettled:
         task_status.started()
         async for batch in batches:
-            for result in await sender.send_batch(batch):
-                if isinstance(result, Unsettled):
-                    await hand_to_settler(unsettled, result)
-                else:
-                    await results.send(result)
+            await hand_on(await sender.send_batch(batch), results, unsettled)
+
+
+async def run_scheduled_sender(
+    sender: Sender,
+    scheduler: Scheduler,
+    results: trio.MemorySendChannel[BatchResult],
+    unsettled: trio.MemorySendChannel[Unsettled],
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Send what the scheduler hands out until it is closed and empty."""
+    async with results, unsettled:
+        task_status.started()
+        while (taken := await scheduler.take()) is not None:
+            if taken.release:
+                await results.send(released(taken.batch))
+                continue
+            try:
+                sent = await sender.send_batch(taken.batch, taken.waited)
+            finally:
+                scheduler.done(taken.batch.account)
+            await hand_on(sent, results, unsettled)
+
+
+async def hand_on(sent: Sent, results: trio.MemorySendChannel[BatchResult],
+                  unsettled: trio.MemorySendChannel[Unsettled]) -> None:
+    """Outcomes to the writer, ambiguous batches to the settler."""
+    for result in sent:
+        if isinstance(result, Unsettled):
+            await hand_to_settler(unsettled, result)
+        else:
+            await results.send(result)
 
 
 async def hand_to_settler(unsettled: trio.MemorySendChannel[Unsettled], item: Unsettled) -> None:

@@ -1,11 +1,12 @@
-"""`sendd tenant set`: create or change a tenant; every credit change gets a ledger row."""
+"""`sendd tenant set`: create or change a tenant (credits, rate limit, weight, active); every
+credit change gets a ledger row."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from sendd.errors import UserError
-from sendd.options import BIGINT_MAX
+from sendd.options import BIGINT_MAX, MAX_WEIGHT
 
 
 async def set_tenant(
@@ -15,10 +16,11 @@ async def set_tenant(
     credits: int | None = None,
     add_credits: int | None = None,
     rate: int | None = None,
+    weight: int | None = None,
     active: bool | None = None,
 ) -> dict[str, Any]:
     """Create the tenant if needed, apply the changes, and return its row."""
-    _validate(tenant, credits, add_credits, rate)
+    _validate(tenant, credits, add_credits, rate, weight)
     async with conn.transaction():
         await conn.execute(
             "INSERT INTO sendd.tenant (id) VALUES ($1) ON CONFLICT (id) DO NOTHING", tenant
@@ -39,20 +41,24 @@ async def set_tenant(
         await conn.execute(
             """UPDATE sendd.tenant SET
                    rate_msgs_per_s = coalesce($2, rate_msgs_per_s),
-                   active = coalesce($3, active), updated_at = now()
+                   weight = coalesce($3, weight),
+                   active = coalesce($4, active), updated_at = now()
                WHERE id = $1""",
-            tenant, rate, active,
+            tenant, rate, weight, active,
         )
         return dict(await conn.fetchrow("SELECT * FROM sendd.tenant WHERE id = $1", tenant))
 
 
-def _validate(tenant: str, credits: int | None, add_credits: int | None, rate: int | None) -> None:
+def _validate(tenant: str, credits: int | None, add_credits: int | None, rate: int | None,
+              weight: int | None) -> None:
     if not tenant or len(tenant) > 200 or not tenant.isprintable():
         raise UserError("TENANT: must be 1 to 200 printable characters")
     if credits is not None and credits < 0:
         raise UserError(f"--credits: must be 0 or more, got {credits}")
     if rate is not None and rate < 0:
         raise UserError(f"--rate: must be 0 (unlimited) or more, got {rate}")
+    if weight is not None and not 1 <= weight <= MAX_WEIGHT:
+        raise UserError(f"--weight: must be an integer from 1 to {MAX_WEIGHT}, got {weight}")
     if add_credits is not None and credits is not None:
         raise UserError("--credits and --add-credits: give one of them, not both")
 

@@ -89,6 +89,8 @@ class AccountConfig:
     msgs_per_s: int = setting(0, ints(0, 1_000_000))  # 0: unlimited
     reqs_per_s: int = setting(0, ints(0, 1_000_000))  # 0: unlimited
     timeout: float = setting(10.0, positive(600))
+    # Requests on the wire at once; 0: all the senders when it is the only account, else half.
+    max_in_flight: int = setting(0, ints(0, 256))
     single: bool = False  # use the one-message endpoint
     idempotent_references: bool = False
 

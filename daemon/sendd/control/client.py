@@ -142,6 +142,7 @@ def format_status(status: dict[str, Any]) -> str:
                          f"{breaker['next_probe_in_s']}s: {breaker['reason']}")
         lines.append(f"  {name}: {rate}, max batch {a['max_batch']}"
                      + "".join(f"; {n}" for n in notes))
+    lines += format_waiting(status.get("waiting", []))
     outcomes = ", ".join(f"{k} {v}" for k, v in sorted(status["outcomes"].items()))
     lines.append(f"outcomes:  {outcomes or 'none yet'}")
     for account, waiting in status.get("unserved_accounts", {}).items():
@@ -150,6 +151,12 @@ def format_status(status: dict[str, Any]) -> str:
     for actor, reason in status.get("problems", {}).items():
         lines.append(f"PROBLEM:   {actor}: {reason}")
     return "\n".join(lines)
+
+
+def format_waiting(waiting: list[dict[str, Any]]) -> list[str]:
+    """What the claimed messages of each tenant and account wait for."""
+    return [f"waiting:   tenant {w['tenant']} on account {w['account']}: {w['messages']} "
+            f"messages, for {w['for']}" for w in waiting]
 
 
 def format_progress(line: dict[str, Any]) -> list[str]:
@@ -169,7 +176,7 @@ def format_progress(line: dict[str, Any]) -> list[str]:
         out.append(f"  campaign {c['id']} ({c['tenant']}) {c['status']}: sent {c['sent']}, "
                    f"failed {c['failed']}, {c['processed']}/{c['total']} ({done:.1f}%), "
                    f"{rate} msgs/s, ETA {eta}")
-    return out
+    return out + format_waiting(line.get("waiting", []))
 
 
 def _limit(value: int) -> str:

@@ -198,14 +198,37 @@ class Governor:
         A batch sized under an older, higher limit (a 429 or a live change came in between) is
         still granted, alone in its window, rather than failing in flight.
         """
-        entry = self._accounts[account]
-        now = self._clock()
-        grants = [(entry.msg_log, units), (entry.req_log, requests),
-                  (self._tenant_log(tenant), units)]
-        at = max(now, entry.not_before, *(log._earliest(n, now) for log, n in grants))
+        grants = self._grants(account, tenant, units, requests)
+        at = self._earliest(account, grants, self._clock())
         for log, n in grants:
             log._record(at, n)
         return at
+
+    def earliest(self, account: str, tenant: str, units: int, requests: int = 1,
+                 now: float | None = None) -> float:
+        """The time `reserve` would grant at `now` (default: the clock's), without reserving
+        anything: `now` itself when the units may go at once."""
+        grants = self._grants(account, tenant, units, requests)
+        return self._earliest(account, grants, self._clock() if now is None else now)
+
+    def _grants(self, account: str, tenant: str, units: int,
+                requests: int) -> list[tuple[WindowLimit, int]]:
+        entry = self._accounts[account]
+        return [(entry.msg_log, units), (entry.req_log, requests),
+                (self._tenant_log(tenant), units)]
+
+    def _earliest(self, account: str, grants: list[tuple[WindowLimit, int]],
+                  now: float) -> float:
+        return max(now, self._accounts[account].not_before,
+                   *(log._earliest(n, now) for log, n in grants))
+
+    def backing_off(self, account: str) -> float:
+        """Seconds left of a 429's Retry-After for the account (0 when none)."""
+        return max(0.0, self._accounts[account].not_before - self._clock())
+
+    def tenant_limit(self, tenant: str) -> int:
+        """The tenant's message limit (0: unlimited)."""
+        return self._tenant_log(tenant).limit
 
     async def acquire(self, account: str, tenant: str, units: int, requests: int = 1) -> float:
         """Reserve, then sleep until the grant's time; returns the seconds waited.

@@ -26,19 +26,19 @@ FROM sendd.claim_budgets(
      set_config('synchronous_commit', 'off', true)
 """
 
-# Due messages of the sending campaigns $3, at most $4 from each (a fair share: a 1,000,000-message
-# campaign does not hold back a 1,000-message one), for the accounts $5, claimed for instance $6
-# within what each tenant ($1) may spend ($2, from CLAIM_BUDGETS).
+# Due messages of the sending campaigns $3, at most $4[i] from campaign $3[i] (each campaign's
+# share: a 1,000,000-message campaign does not hold back a 1,000-message one), for the accounts
+# $5, claimed for instance $6 within what each tenant ($1) may spend ($2, from CLAIM_BUDGETS).
 CLAIM_CAMPAIGN_MESSAGES = """
 SELECT * FROM sendd.claim_affordable(
     instance => $6,
     candidates => ARRAY(
         SELECT (q.id, q.tenant_id, q.segments)::sendd.claim_candidate
-        FROM unnest($3::bigint[]) AS c(id) CROSS JOIN LATERAL (
+        FROM unnest($3::bigint[], $4::int[]) AS c(id, share) CROSS JOIN LATERAL (
             SELECT m.id, m.tenant_id, m.segments FROM sendd.message m
             WHERE m.campaign_id = c.id AND m.status = 'queued' AND m.next_attempt_at <= now()
               AND m.account = ANY($5::text[])
-            ORDER BY m.next_attempt_at, m.id LIMIT $4
+            ORDER BY m.next_attempt_at, m.id LIMIT c.share
             FOR UPDATE SKIP LOCKED) q),
     tenants => $1::text[], spendable => $2::bigint[])
 """

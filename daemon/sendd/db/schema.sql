@@ -1,4 +1,4 @@
--- The sendd schema as it is after every migration (0001..0012), for reading: what each table,
+-- The sendd schema as it is after every migration (0001..0013), for reading: what each table,
 -- function and trigger is for. `sendd migrate` builds and changes the schema with the files in
 -- migrations/; this file is not run by sendd. A test (tests/test_schema_file.py) builds a
 -- database from it and checks that its catalogue equals that of a database migrated from
@@ -22,14 +22,16 @@ CREATE TABLE sendd.schema_migration (
 -- === Tenants and their credits ===============================================================
 
 -- A tenant pays per accepted segment from its credits; rate_msgs_per_s caps its messages per
--- second across all accounts (0: unlimited).
+-- second across all accounts (0: unlimited); weight is its share of the throughput beside the
+-- other tenants that have messages waiting (claims and senders split by weight; 0013).
 CREATE TABLE sendd.tenant (
     id              text PRIMARY KEY,
     credits         bigint NOT NULL DEFAULT 0 CHECK (credits >= 0),
     active          boolean NOT NULL DEFAULT true,
     rate_msgs_per_s integer NOT NULL DEFAULT 0 CHECK (rate_msgs_per_s >= 0),  -- 0 = unlimited
     created_at      timestamptz NOT NULL DEFAULT now(),
-    updated_at      timestamptz NOT NULL DEFAULT now()
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    weight          integer NOT NULL DEFAULT 1 CHECK (weight BETWEEN 1 AND 1000)
 );
 
 

@@ -1,8 +1,10 @@
 """What the operator steers: the configuration in force, pauses, the drain, a pipeline rebuild.
 
 Written by the control socket and signals (sendd.control), read by the pollers (what to claim),
-the senders (account settings) and status. One writer per field: the control commands, but for
-the pauses, which the housekeeper also sets from where they are stored (sendd.db.pauses).
+the senders (account settings), the scheduler and status. One writer per field: the control
+commands, but for the pauses, which the housekeeper also sets from where they are stored
+(sendd.db.pauses), and the tenants' weights, which only the housekeeper sets (from the tenant
+table).
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ class Controls:
     # Counts the pause and resume commands: the housekeeper drops a read of the stored pauses
     # that a command overtook (its snapshot may predate the command's commit).
     pause_commands: int = 0
+    # Tenants' shares of the throughput (`sendd tenant set T --weight N`, read from the
+    # database by the housekeeper): tenant -> weight; a tenant not here weighs 1.
+    tenant_weights: dict[str, float] = field(default_factory=dict)
     # "Please stop": set by SIGTERM/SIGINT or the `drain` command.
     drain: trio.Event = field(default_factory=trio.Event)
     # A reload that needs a new pipeline puts its configuration in `next_config`, then sets

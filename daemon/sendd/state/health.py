@@ -32,6 +32,8 @@ class Health:
     crashed_at: dict[str, float] = field(default_factory=dict)
     # The pipeline's memory channels by name (either end: `statistics()` reads the shared state).
     channels: dict[str, Any] = field(default_factory=dict)
+    # Where the campaign batches wait (sendd.state.scheduler), while a pipeline runs.
+    scheduler: Any = None
     # Messages by (outcome, account, tenant), counted by the writer as it stores them.
     outcomes_by: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     # Messages queued in the database, refreshed every few seconds (actors.gauges), or None.
@@ -48,6 +50,14 @@ class Health:
         for (status, _account, _tenant), count in self.outcomes_by.items():
             by_status[status] += count
         return by_status
+
+    def waiting(self) -> list[dict[str, Any]]:
+        """Per account and tenant with campaign messages waiting to be sent: how many, and what
+        the next of them waits for (rate, backoff, breaker, pause, concurrency, sender)."""
+        if self.scheduler is None:
+            return []
+        return [{"account": account, "tenant": tenant, "for": why, "messages": count}
+                for (account, tenant), (why, count) in sorted(self.scheduler.waiting_for().items())]
 
     @contextmanager
     def working(self, actor: str) -> Iterator[None]:

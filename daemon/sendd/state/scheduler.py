@@ -1,0 +1,298 @@
+"""The scheduler: campaign batches waiting to be sent, keyed by what they wait for.
+
+The batcher puts batches in; senders take only a batch that may go now. A batch waits here,
+not in a sender, for its tenant's or account's rate, a 429's Retry-After, or a free slot of its
+account (each account has at most `max_in_flight` requests on the wire, so a provider that takes
+10 s per request holds that many senders, never all of them). So a limited, throttled or slow
+tenant or account never holds back another.
+
+Among the batches that may go, tenants take turns by weighted fair queueing: each tenant has a
+virtual time that grows by the messages it sent divided by its weight, and the tenant furthest
+behind goes first (a tenant that comes back from idle starts level with the others, not with
+credit for the time it was away). Between accounts, the one with fewer requests on the wire
+goes first.
+
+A batch of a paused tenant or account (the operator's pauses, `Controls`) or of a stopped
+campaign (`stop_campaigns`, told by the housekeeper) is handed out at once, to be released
+(put back in the database untouched), never to be sent.
+
+How many messages wait here per tenant and account is what the pollers read to size their
+claims (about a second of each limit: `room_for_tenant`, `room_for_account`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import trio
+
+from sendd.model import Batch, Message
+from sendd.state.accounts import Accounts
+from sendd.state.controls import Controls
+
+Key = tuple[str, str]  # (account, tenant)
+
+# What a waiting tenant or account waits for (status, metrics, `ctl watch`).
+RATE, BACKOFF, BREAKER, PAUSE, CONCURRENCY, SENDER = (
+    "rate", "backoff", "breaker", "pause", "concurrency", "sender")
+
+
+@dataclass(slots=True)
+class Taken:
+    """A batch a sender took: to send (its rate grant is reserved as of now) or, with
+    `release`, to put back untouched. `waited`: seconds it spent in the scheduler."""
+
+    batch: Batch
+    release: bool
+    waited: float
+
+
+@dataclass(frozen=True)
+class ChannelLike:
+    current_buffer_used: int
+    max_buffer_size: int
+    tasks_waiting_send: int
+    tasks_waiting_receive: int
+
+
+@dataclass(slots=True)
+class _Queued:
+    batch: Batch
+    since: float
+
+
+@dataclass
+class Scheduler:
+    accounts: Accounts
+    controls: Controls
+    # Batches that may go now, beyond which `put` waits (backpressure on the batcher); batches
+    # waiting for a limit do not count (the claims are sized to the limits instead).
+    capacity: int
+    queues: dict[Key, deque[_Queued]] = field(default_factory=dict)
+    in_flight: Counter[str] = field(default_factory=Counter)  # account -> requests on the wire
+    # Claimed messages not yet taken by a sender (on their way here, or here), by tenant and by
+    # account: what the claims are sized by.
+    waiting_tenant: Counter[str] = field(default_factory=Counter)
+    waiting_account: Counter[str] = field(default_factory=Counter)
+    stopped: set[int] = field(default_factory=set)  # campaigns paused or cancelled
+    closed: bool = False
+    _virtual: dict[str, float] = field(default_factory=dict)  # tenant -> virtual time
+    _ready: int = 0  # batches that could go at the last look
+    _putting: int = 0  # batchers waiting for space
+    _taking: int = 0  # senders waiting for a batch
+    _changed: trio.Event = field(default_factory=trio.Event)  # for the senders in `take`
+    _space: trio.Event = field(default_factory=trio.Event)  # for the batcher in `put`
+
+    async def put(self, batch: Batch) -> None:
+        """Queue a batch; waits while `capacity` batches could already go."""
+        while self._ready >= self.capacity and not self.closed:
+            space = self._space
+            self._putting += 1
+            try:
+                await space.wait()
+            finally:
+                self._putting -= 1
+        key = (batch.account, batch.tenant_id)
+        queue = self.queues.get(key)
+        if queue is None:
+            queue = self.queues[key] = deque()
+            self._level(batch.tenant_id)
+        queue.append(_Queued(batch, trio.current_time()))
+        self._ready += 1  # until a look says otherwise
+        self._wake()
+
+    def claimed(self, messages: list[Message]) -> None:
+        """Messages claimed for this pipeline: they count against their limits' room from
+        now until a sender takes them."""
+        for message in messages:
+            self.waiting_tenant[message.tenant_id] += 1
+            self.waiting_account[message.account] += 1
+
+    def close(self) -> None:
+        """Nothing more comes: `take` returns None once the queues are empty."""
+        self.closed = True
+        self._wake()
+
+    async def take(self) -> Taken | None:
+        """The next batch that may go, as soon as there is one; None once closed and empty."""
+        while True:
+            now = trio.current_time()
+            key, wake_at = self._choose(now)
+            if key is not None:
+                return self._pop(key, now)
+            if self.closed and not self.queues:
+                return None
+            self._taking += 1
+            try:
+                await self._wait_for_change(wake_at)
+            finally:
+                self._taking -= 1
+
+    def done(self, account: str) -> None:
+        """A request taken for `account` has ended (answered, failed or timed out)."""
+        self.in_flight[account] -= 1
+        self._wake()
+
+    def stop_campaigns(self, campaigns: set[int]) -> None:
+        """Campaigns paused or cancelled: their waiting messages are released, not sent."""
+        self.stopped = campaigns
+        if campaigns:
+            self._wake()
+
+    def campaigns(self) -> set[int]:
+        """The campaigns with messages waiting here."""
+        return {m.campaign_id for queue in self.queues.values() for q in queue
+                for m in q.batch.messages if m.campaign_id is not None}
+
+    def wake(self) -> None:
+        """Something a waiting batch depends on changed (a pause, a limit, a breaker)."""
+        self._wake()
+
+    def max_in_flight(self, account: str) -> int:
+        """Requests the account may have on the wire: its own setting, else all the senders
+        when it is the only account and half of them when there are others."""
+        config = self.controls.config
+        own = self.controls.account(account).max_in_flight
+        if own:
+            return own
+        senders = config.pipeline.senders
+        return senders if len(config.accounts) == 1 else max(1, math.ceil(senders / 2))
+
+    def room_for_tenant(self, tenant: str, one_batch: int) -> int | None:
+        """Messages a claim may add for a limited tenant (about a second of its limit, at least
+        one batch, less what waits here already); None: unlimited."""
+        limit = self.accounts.governor.tenant_limit(tenant)
+        if limit <= 0:
+            return None
+        return max(limit, one_batch) - self.waiting_tenant[tenant]
+
+    def room_for_account(self, account: str, one_batch: int) -> int:
+        """Messages a claim may add for an account: what its requests on the wire can carry,
+        and about a second of its (backed-off) message limit, less what waits here already;
+        none while a 429's Retry-After lasts longer than a second."""
+        if self.accounts.governor.backing_off(account) > 1.0:
+            return 0
+        # Enough for every request it may have on the wire, and a second of its limit.
+        room = self.max_in_flight(account) * one_batch
+        limit, _ = self.accounts.governor.effective(account)
+        if limit > 0:
+            room = min(room, max(limit, one_batch))
+        return room - self.waiting_account[account]
+
+    def statistics(self) -> ChannelLike:
+        """Its fill as a memory channel reports it (status and metrics show it as "batches"):
+        the batches that could go at the last look, against `capacity`."""
+        batches = sum(len(queue) for queue in self.queues.values())
+        return ChannelLike(min(self._ready, batches), self.capacity, self._putting,
+                           self._taking)
+
+    def waiting_for(self) -> dict[Key, tuple[str, int]]:
+        """Per (account, tenant) with messages here: what the first batch waits for, and how
+        many messages wait."""
+        now = trio.current_time()
+        out = {}
+        for key, queue in self.queues.items():
+            count = sum(len(q.batch.messages) for q in queue)
+            out[key] = (self._blocker(key, queue[0].batch, now) or SENDER, count)
+        return out
+
+    def _choose(self, now: float) -> tuple[Key | None, float]:
+        """The key whose first batch goes next, or None and when to look again."""
+        best: Key | None = None
+        best_rank: tuple[float, int] = (math.inf, 0)
+        wake_at = math.inf
+        ready = 0
+        for key, queue in self.queues.items():
+            batch = queue[0].batch
+            if self._to_release(batch):
+                return key, now
+            account, tenant = key
+            if self.in_flight[account] >= self.max_in_flight(account):
+                continue  # `done` wakes the takers
+            at = self._earliest(batch, now)
+            if at > now:
+                wake_at = min(wake_at, at)
+                continue
+            ready += len(queue)
+            rank = (self._virtual[tenant], self.in_flight[account])
+            if rank < best_rank:
+                best, best_rank = key, rank
+        self._ready = ready
+        if ready < self.capacity:
+            self._make_space()
+        return best, wake_at
+
+    def _pop(self, key: Key, now: float) -> Taken:
+        queue = self.queues[key]
+        queued = queue.popleft()
+        if not queue:
+            del self.queues[key]
+        batch = queued.batch
+        self.waiting_tenant[batch.tenant_id] -= len(batch.messages)
+        self.waiting_account[batch.account] -= len(batch.messages)
+        self._ready = max(0, self._ready - 1)
+        if self._ready < self.capacity:
+            self._make_space()
+        if self._to_release(batch):
+            return Taken(batch, True, now - queued.since)
+        self._reserve(batch)
+        self.in_flight[batch.account] += 1
+        weight = self.controls.tenant_weights.get(batch.tenant_id, 1.0)
+        self._virtual[batch.tenant_id] += len(batch.messages) / weight
+        return Taken(batch, False, now - queued.since)
+
+    def _requests(self, batch: Batch) -> int:
+        return len(batch.messages) if self.controls.account(batch.account).single else 1
+
+    def _earliest(self, batch: Batch, now: float) -> float:
+        return self.accounts.governor.earliest(batch.account, batch.tenant_id,
+                                               len(batch.messages), self._requests(batch), now)
+
+    def _reserve(self, batch: Batch) -> None:
+        self.accounts.governor.reserve(batch.account, batch.tenant_id, len(batch.messages),
+                                       self._requests(batch))
+
+    def _to_release(self, batch: Batch) -> bool:
+        """Paused, stopped, or for an account that cannot be sent to now (suspended, or its
+        breaker open between probes): put back at once (the pollers claim nothing for it)."""
+        controls = self.controls
+        return (controls.paused_all or batch.tenant_id in controls.paused_tenants
+                or batch.account in controls.paused_accounts
+                or not self.accounts.may_send(batch.account)
+                or bool(self.stopped) and any(m.campaign_id in self.stopped
+                                              for m in batch.messages))
+
+    def _blocker(self, key: Key, batch: Batch, now: float) -> str | None:
+        account, tenant = key
+        if not self.accounts.may_send(account):
+            return BREAKER
+        if self._to_release(batch):
+            return PAUSE
+        if self.accounts.governor.backing_off(account) > 0:
+            return BACKOFF
+        if self._earliest(batch, now) > now:
+            return RATE
+        if self.in_flight[account] >= self.max_in_flight(account):
+            return CONCURRENCY
+        return None
+
+    def _level(self, tenant: str) -> None:
+        """A tenant coming back comes in level with the least-served waiting one."""
+        others = [self._virtual[k[1]] for k in self.queues if k[1] != tenant]
+        floor = min(others) if others else 0.0
+        self._virtual[tenant] = max(self._virtual.get(tenant, 0.0), floor)
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+        self._make_space()  # closed, or a batch taken
+
+    def _make_space(self) -> None:
+        self._space.set()
+        self._space = trio.Event()
+
+    async def _wait_for_change(self, until: float) -> None:
+        with trio.move_on_at(until):
+            await self._changed.wait()
