@@ -208,7 +208,8 @@ def test_cancel_takes_back_what_is_claimed_but_not_on_the_wire(tmp_path, databas
     with Daemon(config, tmp_path / "daemon.log").wait_ready():
         wait_until(lambda: status_counts(database_url).get("sent", 0) >= 200, 30, "200 sent")
         claimed = status_counts(database_url).get("sending", 0)
-        assert claimed > 500, "the test needs claims waiting for the rate governor"
+        # About a second of the rate is claimed ahead (the scheduler's room for the account).
+        assert claimed >= 100, "the test needs claims waiting for the rate governor"
         answer = sendd_json(config, "campaign", "cancel", str(campaign_id))
         accepted_at_cancel = fake_provider.stats()["accepted"]
         wait_until(lambda: not status_counts(database_url, campaign_id).get("sending"), 15,

@@ -238,3 +238,14 @@ async def test_a_batch_that_may_go_is_taken_at_once_on_a_real_clock() -> None:
     with trio.fail_after(1):
         taken = await scheduler.take()
     assert taken is not None and not taken.release
+
+
+def test_tenants_without_a_limit_share_batches_and_a_limited_one_has_its_own() -> None:
+    from sendd.actors.batcher import group_by_destination
+    from sendd.model import ANY_TENANT
+
+    messages = [Message(i, tenant, 1, "main", None, "+306900000001", "hi", 1, 0)
+                for i, tenant in enumerate(["a", "b", "slow", "c", "slow", "a"])]
+    groups = group_by_destination(messages, limited={"slow"})
+    assert {key: [m.id for m in ms] for key, ms in groups.items()} == {
+        ("main", ANY_TENANT): [0, 1, 3, 5], ("main", "slow"): [2, 4]}

@@ -25,14 +25,24 @@ class Message:
         return str(self.id)
 
 
+# The tenant of a batch that mixes the messages of tenants without a rate limit: nothing to
+# charge per tenant, and one request carries many tenants' messages (so a thousand small
+# tenants do not cost a thousand requests).
+ANY_TENANT = ""
+
+
 @dataclass(slots=True)
 class Batch:
-    """Messages of one account and tenant, sent in one provider request."""
+    """Messages of one account, sent in one provider request: of one tenant with a rate limit
+    (its batches are charged to it), or of any tenants without one (`tenant_id` ANY_TENANT)."""
 
     account: str
     tenant_id: str
     messages: list[Message]
     submission_id: int | None = None  # the durable "submitted" mark, once written
+
+    def tenants(self) -> set[str]:
+        return {m.tenant_id for m in self.messages}
 
 
 # Outcome statuses the writer applies. RETRY queues the message again after `retry_in`;

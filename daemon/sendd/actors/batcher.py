@@ -3,28 +3,33 @@ puts them in the scheduler (sendd.state.scheduler), where they wait for what the
 
 A batch is flushed when it reaches the account's batch size (which also respects the rate
 limits, so one batch never needs more than one second's allowance) or after the linger.
-Batches are single-tenant so each one is charged against one tenant's rate limit.
+A tenant with a rate limit has batches of its own, each charged against its limit; the other
+tenants' messages share batches (sendd.model.ANY_TENANT): a claim split between a thousand
+tenants is then a few requests, not a thousand.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import trio
 
 from sendd.config import PipelineConfig
 from sendd.core.batching import BatchBuilder
-from sendd.model import Batch, Message
+from sendd.model import ANY_TENANT, Batch, Message
 from sendd.state.accounts import Accounts
 from sendd.state.controls import Controls
 from sendd.state.scheduler import Scheduler
 
 
-def group_by_destination(messages: Iterable[Message]) -> dict[tuple[str, str], list[Message]]:
-    """Messages by (account, tenant), each group in claim order."""
+def group_by_destination(messages: Iterable[Message],
+                         limited: Collection[str] = ()) -> dict[tuple[str, str], list[Message]]:
+    """Messages by (account, tenant) for the `limited` tenants, by (account, ANY_TENANT) for
+    the others, each group in claim order."""
     groups: dict[tuple[str, str], list[Message]] = {}
     for message in messages:
-        key = (message.account, message.tenant_id)
+        tenant = message.tenant_id if message.tenant_id in limited else ANY_TENANT
+        key = (message.account, tenant)
         group = groups.get(key)
         if group is None:
             groups[key] = [message]
@@ -69,7 +74,8 @@ async def run_batcher(
                     scheduler.close()
                     return
             now = trio.current_time()
-            for key, messages in group_by_destination(chunk or ()).items():
+            limited = accounts.governor.tenant_limits()
+            for key, messages in group_by_destination(chunk or (), limited).items():
                 await emit(builder.add_many(key, messages, now))
             await emit(builder.due(now))
             if len(builder) >= hold_limit:

@@ -18,7 +18,7 @@ from sendd.db.claims import MARK_SUBMITTED
 from sendd.db.leases import LEASE_MARGIN
 from sendd.db.retry import retrying
 from sendd.metrics import Metrics
-from sendd.model import Batch, BatchResult, Unsettled
+from sendd.model import ANY_TENANT, Batch, BatchResult, Unsettled
 from sendd.providers import base
 from sendd.state.accounts import Accounts
 from sendd.state.controls import Controls
@@ -117,8 +117,8 @@ class Sender:
             batch.submission_id, refusal = await self.mark_submitted(batch)
         if batch.submission_id is None:
             self.accounts.breakers.abandoned(batch.account, ticket)
-            log.warning(refusal, account=batch.account, tenant=batch.tenant_id,
-                        size=len(batch.messages))
+            log.warning(refusal, account=batch.account, size=len(batch.messages),
+                        **_tenant_fields(batch))
             return False
         return True
 
@@ -282,6 +282,8 @@ async def run_scheduled_sender(
         task_status.started()
         while (taken := await scheduler.take()) is not None:
             if taken.release:
+                log.info("batch_released", why=taken.release, account=taken.batch.account,
+                         size=len(taken.batch.messages), **_tenant_fields(taken.batch))
                 await results.send(released(taken.batch))
                 continue
             try:
@@ -310,13 +312,22 @@ async def hand_to_settler(unsettled: trio.MemorySendChannel[Unsettled], item: Un
         log.warning("settlement_deferred", batch=item.submission_id)
 
 
+def _tenant_fields(batch: Batch) -> dict[str, Any]:
+    """The batch's tenant, or for a batch of several tenants without limits their number."""
+    if batch.tenant_id != ANY_TENANT:
+        return {"tenant": batch.tenant_id}
+    tenants = batch.tenants()
+    return {"tenant": next(iter(tenants))} if len(tenants) == 1 else {
+        "tenant": None, "tenants": len(tenants)}
+
+
 def _log_batch(batch: Batch, response: base.SendResponse, outcomes: list[Any],
                started: float) -> None:
     counts: dict[str, int] = {}
     for outcome in outcomes:
         counts[outcome.status] = counts.get(outcome.status, 0) + 1
     fields: dict[str, Any] = {
-        "batch": batch.submission_id, "account": batch.account, "tenant": batch.tenant_id,
+        "batch": batch.submission_id, "account": batch.account, **_tenant_fields(batch),
         "campaigns": sorted({m.campaign_id for m in batch.messages if m.campaign_id}),
         "size": len(batch.messages), "bulk_id": response.bulk_id,
         "sent_at": round(started, 4), "ms": round((time.time() - started) * 1000, 1),

@@ -56,7 +56,8 @@ class Health:
         the next of them waits for (rate, backoff, breaker, pause, concurrency, sender)."""
         if self.scheduler is None:
             return []
-        return [{"account": account, "tenant": tenant, "for": why, "messages": count}
+        # "*": the tenants without a rate limit, whose messages share batches.
+        return [{"account": account, "tenant": tenant or "*", "for": why, "messages": count}
                 for (account, tenant), (why, count) in sorted(self.scheduler.waiting_for().items())]
 
     @contextmanager

@@ -9,8 +9,9 @@ tenant or account never holds back another.
 Among the batches that may go, tenants take turns by weighted fair queueing: each tenant has a
 virtual time that grows by the messages it sent divided by its weight, and the tenant furthest
 behind goes first (a tenant that comes back from idle starts level with the others, not with
-credit for the time it was away). Between accounts, the one with fewer requests on the wire
-goes first.
+credit for the time it was away). Tenants without a rate limit share batches (model.ANY_TENANT,
+one "tenant" here): their shares are set where they are claimed (sendd.actors.poller). Between
+accounts, the one with fewer requests on the wire goes first.
 
 A batch of a paused tenant or account (the operator's pauses, `Controls`) or of a stopped
 campaign (`stop_campaigns`, told by the housekeeper) is handed out at once, to be released
@@ -41,11 +42,11 @@ RATE, BACKOFF, BREAKER, PAUSE, CONCURRENCY, SENDER = (
 
 @dataclass(slots=True)
 class Taken:
-    """A batch a sender took: to send (its rate grant is reserved as of now) or, with
-    `release`, to put back untouched. `waited`: seconds it spent in the scheduler."""
+    """A batch a sender took: to send (its rate grant is reserved as of now) or, when
+    `release` says why, to put back untouched. `waited`: seconds it spent in the scheduler."""
 
     batch: Batch
-    release: bool
+    release: str | None
     waited: float
 
 
@@ -106,9 +107,8 @@ class Scheduler:
     def claimed(self, messages: list[Message]) -> None:
         """Messages claimed for this pipeline: they count against their limits' room from
         now until a sender takes them."""
-        for message in messages:
-            self.waiting_tenant[message.tenant_id] += 1
-            self.waiting_account[message.account] += 1
+        self.waiting_tenant.update(m.tenant_id for m in messages)
+        self.waiting_account.update(m.account for m in messages)
 
     def close(self) -> None:
         """Nothing more comes: `take` returns None once the queues are empty."""
@@ -230,18 +230,19 @@ class Scheduler:
         if not queue:
             del self.queues[key]
         batch = queued.batch
-        self.waiting_tenant[batch.tenant_id] -= len(batch.messages)
+        self.waiting_tenant.subtract(m.tenant_id for m in batch.messages)
         self.waiting_account[batch.account] -= len(batch.messages)
         self._ready = max(0, self._ready - 1)
         if self._ready < self.capacity:
             self._make_space()
-        if self._to_release(batch):
-            return Taken(batch, True, now - queued.since)
+        release = self._to_release(batch)
+        if release:
+            return Taken(batch, release, now - queued.since)
         self._reserve(batch)
         self.in_flight[batch.account] += 1
         weight = self.controls.tenant_weights.get(batch.tenant_id, 1.0)
         self._virtual[batch.tenant_id] += len(batch.messages) / weight
-        return Taken(batch, False, now - queued.since)
+        return Taken(batch, None, now - queued.since)
 
     def _requests(self, batch: Batch) -> int:
         return len(batch.messages) if self.controls.account(batch.account).single else 1
@@ -254,15 +255,20 @@ class Scheduler:
         self.accounts.governor.reserve(batch.account, batch.tenant_id, len(batch.messages),
                                        self._requests(batch))
 
-    def _to_release(self, batch: Batch) -> bool:
-        """Paused, stopped, or for an account that cannot be sent to now (suspended, or its
-        breaker open between probes): put back at once (the pollers claim nothing for it)."""
+    def _to_release(self, batch: Batch) -> str | None:
+        """Why the batch is put back at once, if it is: an operator pause, a stopped campaign,
+        or an account that cannot be sent to now (suspended, or its breaker open between
+        probes; the pollers claim nothing for it meanwhile)."""
         controls = self.controls
-        return (controls.paused_all or batch.tenant_id in controls.paused_tenants
-                or batch.account in controls.paused_accounts
-                or not self.accounts.may_send(batch.account)
-                or bool(self.stopped) and any(m.campaign_id in self.stopped
-                                              for m in batch.messages))
+        if (controls.paused_all or batch.account in controls.paused_accounts
+                or controls.paused_tenants and any(
+                    m.tenant_id in controls.paused_tenants for m in batch.messages)):
+            return "paused"
+        if self.stopped and any(m.campaign_id in self.stopped for m in batch.messages):
+            return "campaign_stopped"
+        if not self.accounts.may_send(batch.account):
+            return "account_unavailable"
+        return None
 
     def _blocker(self, key: Key, batch: Batch, now: float) -> str | None:
         account, tenant = key
