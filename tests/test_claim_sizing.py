@@ -98,3 +98,13 @@ def test_campaign_shares_are_at_least_one_and_never_exceed_a_limited_tenant_s_ro
     assert shares == [250, 250, 40]
     assert poller.campaign_shares([(i, "t") for i in range(3000)], 1000, {"t": None},
                                   {}) == [1] * 3000
+
+
+def test_beyond_a_hundred_tenants_claims_take_them_in_turn() -> None:
+    claimer = make_parts(claim_config([account("main")])).claimer()
+    tenants = {f"t{i:03d}" for i in range(250)}
+    ordered = sorted(tenants)
+    turns = [claimer.next_tenants(tenants) for _ in range(3)]
+    assert turns[0] == ordered[:100] and turns[1] == ordered[100:200]
+    assert turns[2] == ordered[200:] + ordered[:50]  # every tenant within three claims
+    assert claimer.next_tenants(set(ordered[:5])) == ordered[:5]  # few tenants: all of them

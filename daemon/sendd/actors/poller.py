@@ -51,15 +51,27 @@ EXPRESS_SLOT = 3
 CLAIM_SHARE = 100_000
 CLAIM_LOCK_SPACE = 0x434C4149  # "CLAI": first key of the slot locks (two-key form, + slot)
 STARVED_CHECK_INTERVAL = 1.0  # seconds between checks for tenants out of credits
+TENANTS_PER_CLAIM = 100  # beyond this many tenants with messages due, they take turns
 
-# The first due message of each of a tenant's sending campaigns: if none fits in the credits
-# left (with nothing in flight that could be refunded), the campaigns are paused for credits.
-CHEAPEST_NEXT = """
-SELECT min(q.segments) FROM sendd.campaign c CROSS JOIN LATERAL (
-    SELECT m.segments FROM sendd.message m
-    WHERE m.campaign_id = c.id AND m.status = 'queued' AND m.next_attempt_at <= now()
-    ORDER BY m.next_attempt_at, m.id LIMIT 1) q
-WHERE c.tenant_id = $1 AND c.status = 'sending'
+# Of the tenants given with their budgets ($1, $2), those whose credits cannot pay for the first
+# due message of any of their sending campaigns, with nothing in flight that a rejection could
+# refund: their campaigns are paused for credits. One statement for all of them (a claim split
+# between a thousand tenants leaves most of them with nothing now and then).
+STARVED_TENANTS = """
+WITH u AS (SELECT * FROM unnest($1::text[], $2::bigint[]) AS u(tenant, budget)),
+next AS (
+    SELECT c.tenant_id, min(q.segments) AS cheapest
+    FROM sendd.campaign c JOIN u ON u.tenant = c.tenant_id
+    CROSS JOIN LATERAL (
+        SELECT m.segments FROM sendd.message m
+        WHERE m.campaign_id = c.id AND m.status = 'queued' AND m.next_attempt_at <= now()
+        ORDER BY m.next_attempt_at, m.id LIMIT 1) q
+    WHERE c.status = 'sending'
+    GROUP BY c.tenant_id)
+SELECT u.tenant, u.budget, n.cheapest FROM u JOIN next n ON n.tenant_id = u.tenant
+WHERE n.cheapest > u.budget
+  AND NOT EXISTS (SELECT 1 FROM sendd.message m
+                  WHERE m.tenant_id = u.tenant AND m.status = 'sending')
 """
 
 PAUSE_FOR_CREDITS = """
@@ -83,6 +95,7 @@ class Claimer:
     # out soon. None (the express lane, tests): no sizing.
     scheduler: Scheduler | None = None
     budgets: dict[str, int] = field(default_factory=dict)
+    rotation: int = 0  # where the next claim's tenants start, when they take turns
 
     def claimable_accounts(self) -> list[str]:
         """Accounts messages may be claimed for: not paused by the operator, not suspended by
@@ -102,6 +115,18 @@ class Claimer:
             if room > 0:
                 rooms[name] = room
         return rooms
+
+    def next_tenants(self, tenants: set[str]) -> list[str]:
+        """The tenants this claim serves: all of them, or when there are more than
+        TENANTS_PER_CLAIM, the next TENANTS_PER_CLAIM in turn (each tenant's budget is read
+        under its claim lock, which costs about 0.2 ms a tenant: a claim over a thousand
+        tenants would take 200 ms)."""
+        ordered = sorted(tenants)
+        if len(ordered) <= TENANTS_PER_CLAIM:
+            return ordered
+        start = self.rotation % len(ordered)
+        self.rotation = start + TENANTS_PER_CLAIM
+        return (ordered + ordered)[start:start + TENANTS_PER_CLAIM]
 
     def tenant_room(self, tenant: str, accounts: list[str]) -> int | None:
         """Messages a claim may take for a limited tenant (None: no limit)."""
@@ -151,9 +176,10 @@ async def claim_due(conn: Any, claimer: Claimer) -> Claim:
     async with conn.transaction():
         active = await conn.fetch(ACTIVE_CAMPAIGNS, paused)
         tenant_rooms = {t: claimer.tenant_room(t, accounts)
-                        for t in {r["tenant_id"] for r in active}}
+                        for t in claimer.next_tenants({r["tenant_id"] for r in active})}
         # A limited tenant with a second of its rate waiting already gets nothing this time.
-        campaign_rows = [r for r in active if _has_room(tenant_rooms[r["tenant_id"]])]
+        campaign_rows = [r for r in active if r["tenant_id"] in tenant_rooms
+                         and _has_room(tenant_rooms[r["tenant_id"]])]
         tenants = sorted({r["tenant_id"] for r in campaign_rows})
         if not tenants:
             return Claim([], {})
@@ -193,20 +219,14 @@ def _at_most(value: int, room: int | None) -> int:
 
 async def pause_starved(conn: Any, unserved: dict[str, int]) -> None:
     """Pause the sending campaigns of tenants whose credits cannot pay for their next message."""
-    for tenant, budget in unserved.items():
-        cheapest = await conn.fetchval(CHEAPEST_NEXT, tenant)
-        if cheapest is None or cheapest <= budget:
-            continue  # nothing due, or it fits: the claim lost a race, not the credits
-        in_flight = await conn.fetchval(
-            "SELECT count(*) FROM sendd.message WHERE tenant_id = $1 AND status = 'sending'",
-            tenant,
-        )
-        if in_flight:
-            continue  # outcomes pending: a rejection may still give credits back
-        reason = f"insufficient credits: {budget} left, the next message needs {cheapest}"
-        paused = await conn.fetch(PAUSE_FOR_CREDITS, tenant, reason)
-        for row in paused:
-            log.warning("campaign_paused", campaign=row["id"], tenant=tenant, reason=reason)
+    starved = await conn.fetch(STARVED_TENANTS, list(unserved), list(unserved.values()))
+    for row in starved:
+        reason = (f"insufficient credits: {row['budget']} left, the next message needs "
+                  f"{row['cheapest']}")
+        paused = await conn.fetch(PAUSE_FOR_CREDITS, row["tenant"], reason)
+        for campaign in paused:
+            log.warning("campaign_paused", campaign=campaign["id"], tenant=row["tenant"],
+                        reason=reason)
 
 
 # Campaign pollers per daemon: while one waits for its claim statement, the other's can run
