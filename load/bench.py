@@ -5,6 +5,8 @@
     .venv/bin/python load/bench.py --messages 20000 --single   # one request per message
     .venv/bin/python load/bench.py --transactional 50 --error-429 0.02 --error-503 0.02 \\
         --reject 0.01 --tenants 2 --campaigns 3
+    .venv/bin/python load/bench.py --messages 300000 --slow-tenant 50    # beside a slow tenant
+    .venv/bin/python load/bench.py --messages 300000 --small-campaigns 1000  # 1,000 small ones
 
 Everything runs in a private temp dir and is stopped at the end, whatever happens (Ctrl-C
 too): a durable private PostgreSQL (sendd.dev.pgserver), the fake provider
@@ -18,10 +20,14 @@ config, HTTP port and control socket). The steps:
    snapshot the database statistics, start the daemons, sample every 0.5 s (messages done,
    backlog, throughput, channel fill from each daemon's /metrics, RSS from /proc) while an
    optional task trickles transactional messages in at --transactional per second;
-3. once every campaign message is done: stop the trickle, wait for the transactional messages,
-   read each daemon's peak RSS, stop the daemons (SIGTERM: they drain), snapshot again;
+   with --slow-tenant, the slow tenant's campaign alone is sending at first: the other
+   campaigns are loaded as drafts and started together (one UPDATE, and the NOTIFY an insert
+   would send) once it is sending, and the figures count from then;
+3. once every campaign message is done (but the slow tenant's): stop the trickle, wait for the
+   transactional messages, then for the slow tenant's campaign, read each daemon's peak RSS,
+   stop the daemons (SIGTERM: they drain), snapshot again;
 4. check the outcome: duplicates at the provider, unfinished messages, provider-accepted versus
-   stored-as-sent, the credit ledger;
+   stored-as-sent, the credit ledger, the slow tenant's rate at the provider;
 5. measure the ceiling a second time; the report gives both and rates the daemons against
    their mean (this VM's speed drifts by tens of percent within minutes: the two tell);
 6. write DIR/report.json (everything, with the time series), DIR/report.md (the summary, also
@@ -62,6 +68,8 @@ import cpu  # noqa: E402
 import dataset  # noqa: E402
 import report  # noqa: E402
 from harness import Daemon, FakeProvider, setup_database, write_config  # noqa: E402
+from harness import sendd as sendd_command  # noqa: E402
+from sendd.commands.tenants import set_tenant  # noqa: E402
 from sendd.config import PipelineConfig, RetryConfig  # noqa: E402
 from sendd.dev import interrupts  # noqa: E402
 from sendd.dev.pgserver import PrivatePostgres, ServerError, free_port, log_tail  # noqa: E402
@@ -78,6 +86,13 @@ CREDIT_MARGIN = 1_000_000  # on top of every tenant's messages: transactional on
 # Quick retries when the provider is told to fail: 429/503 then cost seconds, not minutes.
 FAST_RETRY = {"base_delay": 0.5, "max_delay": 5.0, "max_attempts": 10}
 ACCOUNT_TIMEOUT = 10.0  # the daemon's default; the test harness's 1.5 s is for fault tests
+# --slow-tenant: the main campaign starts this long after the slow tenant's first message is done,
+# so that its claims, batches and rate waits are in the pipeline when the big one arrives.
+SLOW_LEAD_S = 2.0
+SLOW_TENANT = "slow"
+SLOW_SENDER = "slow"  # its messages' sender: the fake provider counts peaks per sender
+SLOW_DEFAULT_SECONDS = 20  # --slow-messages defaults to this many seconds of its rate
+SMALL_DEFAULT_SIZE = 100
 TRANSACTIONAL_NOTE = ("from the insert (created_at, the database's clock) to the arrival of the "
                       "request at the provider, which accepts on arrival (the fake's "
                       "/_accepted_at; same machine, same clock)")
@@ -91,6 +106,31 @@ CAMPAIGN_SUMS = """
 SELECT coalesce(sum(total), 0)::bigint AS total,
        coalesce(sum(sent + failed + unknown + cancelled), 0)::bigint AS done
 FROM sendd.campaign WHERE id = ANY($1::bigint[])
+"""
+# The same per group of campaigns ($2: each id's group, "main", "small" or "slow").
+GROUP_SUMS = """
+SELECT g.label, coalesce(sum(c.total), 0)::bigint AS total,
+       coalesce(sum(c.sent + c.failed + c.unknown + c.cancelled), 0)::bigint AS done
+FROM unnest($1::bigint[], $2::text[]) AS g(id, label)
+JOIN sendd.campaign c ON c.id = g.id GROUP BY g.label
+"""
+# Start the drafts at once, and wake the pollers as queuing messages would (the NOTIFY goes out
+# at the commit): the daemons find them as they find a campaign that was there at their start.
+START_CAMPAIGNS = """
+WITH started AS (
+    UPDATE sendd.campaign SET status = 'sending', started_at = now()
+    WHERE id = ANY($1::bigint[]) AND status = 'draft' RETURNING id)
+SELECT count(*) AS started, pg_notify('sendd_queued', '') IS NULL AS notified FROM started
+"""
+# The slow tenant's messages against the main campaigns' start ($2) and end ($3), all in the
+# database's clock (finished_at is stamped in the writer's transaction, as the campaign's is).
+SLOW_PROGRESS = """
+SELECT count(*) AS messages,
+       count(*) FILTER (WHERE status IN ('sent', 'delivered', 'undelivered')) AS sent,
+       count(*) FILTER (WHERE finished_at < $2) AS done_before_main,
+       count(*) FILTER (WHERE finished_at >= $2 AND finished_at <= $3) AS done_during_main,
+       count(*) FILTER (WHERE finished_at IS NULL OR finished_at > $3) AS unsent_at_main_end
+FROM sendd.message WHERE campaign_id = ANY($1::bigint[])
 """
 INSERT_TRANSACTIONAL = """
 INSERT INTO sendd.message (tenant_id, account, sender, recipient, body, priority)
@@ -129,7 +169,9 @@ FROM sendd.message
 WHERE campaign_id IS NULL AND status IN ('sent', 'delivered', 'undelivered')
 """
 CAMPAIGN_ROWS = """
-SELECT id, tenant_id, status, total, sent, failed, unknown, cancelled, started_at, finished_at
+SELECT id, tenant_id, status, total, sent, failed, unknown, cancelled, started_at, finished_at,
+       extract(epoch FROM started_at)::float8 AS started_epoch,
+       extract(epoch FROM finished_at)::float8 AS finished_epoch
 FROM sendd.campaign ORDER BY id
 """
 
@@ -175,11 +217,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = _Parser(prog="load/bench.py", description=__doc__.split("\n\n")[0],
                      epilog="Everything else the harness does is described in load/bench.py.")
     _campaign_options(parser.add_argument_group("the campaign"))
+    _mix_options(parser.add_argument_group(
+        "mixed tenants", "other tenants' campaigns beside the main one (--messages); they "
+        "combine with each other and with --transactional"))
     _provider_options(parser.add_argument_group("the fake provider"))
     _daemon_options(parser.add_argument_group("the daemons"))
     _report_options(parser.add_argument_group("the report"))
     args = parser.parse_args(argv)
     _check_combinations(parser, args)
+    _check_mix(parser, args)
     if args.batch_size is None:
         args.batch_size = SINGLE_GROUP if args.single else BULK_BATCH
     return args
@@ -197,6 +243,36 @@ def _campaign_options(group: Any) -> None:
     group.add_argument("--transactional", type=_number_in(0, 10_000), default=0.0,
                        metavar="RATE", help="transactional messages per second inserted one "
                        "by one while the campaign runs; their latency is reported (default 0)")
+
+
+def _mix_options(group: Any) -> None:
+    group.add_argument("--slow-tenant", metavar="RATE", type=_int_in(1, 1_000_000),
+                       default=None,
+                       help=f"add a tenant {SLOW_TENANT!r} limited to RATE msgs/s (`sendd tenant "
+                            "set slow --rate RATE`) whose campaign is already sending when the "
+                            "main one starts (from its first message done, "
+                            f"{SLOW_LEAD_S:g} s later); the figures count from the main "
+                            "campaign's start. Reports the slow tenant's peak in any 1 s at "
+                            "the provider (at most RATE per daemon: limits are per daemon), "
+                            "what it sent while the main campaign ran and how many of its "
+                            "messages were still unsent when the main one finished; the run "
+                            "then waits for it to finish")
+    group.add_argument("--slow-messages", metavar="N",
+                       type=_int_in(1, dataset.MAX_MESSAGES), default=None,
+                       help="the slow tenant's campaign (default "
+                            f"{SLOW_DEFAULT_SECONDS} x RATE: {SLOW_DEFAULT_SECONDS} s of "
+                            "sending; make it longer than the main campaign takes)")
+    group.add_argument("--small-campaigns", metavar="K", type=_int_in(0, 10_000), default=0,
+                       help="K more campaigns of --small-size messages, queued and started "
+                            "together with the main one, each in a tenant of its own "
+                            "(small-1 ... small-K), not spread over --tenants: the daemons "
+                            "share claims and senders between tenants (each tenant's share "
+                            "then between its campaigns), so K + 1 tenants competing is the "
+                            "hardest test of that fairness. Reports when each finished "
+                            "(report.json), the last against the main one, and the throughput "
+                            "of all messages against the ceiling (default 0)")
+    group.add_argument("--small-size", metavar="M", type=_int_in(1, 1_000_000), default=None,
+                       help=f"messages per small campaign (default {SMALL_DEFAULT_SIZE})")
 
 
 def _provider_options(group: Any) -> None:
@@ -264,6 +340,33 @@ def _check_combinations(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error(f"--out {args.out}: exists and is not a directory")
 
 
+def _check_mix(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.slow_messages is not None and args.slow_tenant is None:
+        parser.error("--slow-messages needs --slow-tenant")
+    if args.small_size is not None and not args.small_campaigns:
+        parser.error("--small-size needs --small-campaigns")
+    if args.slow_tenant is not None and args.slow_messages is None:
+        args.slow_messages = min(SLOW_DEFAULT_SECONDS * args.slow_tenant, dataset.MAX_MESSAGES)
+    if args.small_size is None:
+        args.small_size = SMALL_DEFAULT_SIZE
+    if all_messages(args) > dataset.MAX_MESSAGES:
+        parser.error(f"--messages, the small campaigns' and the slow tenant's messages together "
+                     f"({all_messages(args):,}) must not exceed {dataset.MAX_MESSAGES:,}")
+
+
+def small_messages(args: argparse.Namespace) -> int:
+    return args.small_campaigns * args.small_size if args.small_campaigns else 0
+
+
+def slow_messages(args: argparse.Namespace) -> int:
+    return args.slow_messages if args.slow_tenant is not None else 0
+
+
+def all_messages(args: argparse.Namespace) -> int:
+    """Every campaign message loaded: the main campaigns', the small ones', the slow tenant's."""
+    return args.messages + small_messages(args) + slow_messages(args)
+
+
 def scenario_of(args: argparse.Namespace) -> dict[str, Any]:
     return {"messages": args.messages, "tenants": args.tenants, "campaigns": args.campaigns,
             "transactional": args.transactional, "latency_ms": args.latency_ms,
@@ -271,7 +374,10 @@ def scenario_of(args: argparse.Namespace) -> dict[str, Any]:
             "error_503": args.error_503, "reject": args.reject, "seed": args.seed,
             "daemons": args.daemons, "batch_size": args.batch_size,
             "single": args.single, "senders": args.senders,
-            "claim_chunk": args.claim_chunk, "ceiling_messages": args.ceiling_messages}
+            "claim_chunk": args.claim_chunk, "ceiling_messages": args.ceiling_messages,
+            "slow_tenant": args.slow_tenant, "slow_messages": slow_messages(args),
+            "small_campaigns": args.small_campaigns,
+            "small_size": args.small_size if args.small_campaigns else 0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -344,23 +450,24 @@ def _run(stack: ExitStack, args: argparse.Namespace) -> dict[str, Any]:
     fake = stack.enter_context(_provider(args))
     configs, ports = _write_configs(workdir, pg.url, fake.url, args)
     tenants = dataset.tenant_names(args.tenants)
-    _setup(configs[0], tenants, args.messages)
-    campaigns, load = _run_async(_load(pg.url, args, tenants))
+    _setup(configs[0], tenants, args)
+    groups, load = _run_async(_load(pg.url, args, tenants))
     ceiling_before = _ceiling(pg.url, args, "before the run")
     if args.statements:
         _run_async(_statements(pg.url, STATEMENTS_RESET))
     before = _run_async(stats_snapshot(pg.url))
     fleet, t0 = _start_fleet(stack, configs, ports)
     meter = _cpu_meter(pg, fleet, fake)
-    watched = _run_async(_watch(pg.url, fleet, campaigns, args, tenants[0], t0, meter))
+    watched = _run_async(_watch(pg.url, fleet, groups, args, tenants[0], t0, meter))
     _stop_fleet(fleet)
     provider = fake.stats()
     after = _run_async(stats_snapshot(pg.url))  # before anything else touches the database
     statements = _run_async(_statements(pg.url, TOP_STATEMENTS)) if args.statements else None
-    outcome = _run_async(_outcome(pg.url, args, provider, fake))
-    results = Results(started_at, loadavg_start, load, watched, fleet, before, after, provider,
-                      outcome, report.bracketed_ceiling(ceiling_before,
-                                                        _ceiling(pg.url, args, "after the run")),
+    outcome = _run_async(_outcome(pg.url, args, provider, fake, groups))
+    results = Results(started_at, loadavg_start, load, groups, watched, fleet, before, after,
+                      provider, outcome,
+                      report.bracketed_ceiling(ceiling_before,
+                                               _ceiling(pg.url, args, "after the run")),
                       _run_async(_server_version(pg.url)),
                       meter.figures(), statements)
     figures = figures_of(args, results)
@@ -432,10 +539,15 @@ def _write_configs(workdir: Path, database_url: str, provider_url: str,
     return configs, ports
 
 
-def _setup(config: Path, tenants: list[str], messages: int) -> None:
-    """Migrate and create the tenants with `sendd` itself."""
+def _setup(config: Path, tenants: list[str], args: argparse.Namespace) -> None:
+    """Migrate and create the tenants with `sendd` itself (the small campaigns' tenants are
+    created by _load, with the same code but without a process each)."""
     try:
-        setup_database(config, dict.fromkeys(tenants, messages + CREDIT_MARGIN))
+        setup_database(config, dict.fromkeys(tenants, args.messages + CREDIT_MARGIN))
+        if args.slow_tenant is not None:
+            sendd_command(config, "tenant", "set", SLOW_TENANT,
+                          "--credits", str(args.slow_messages + CREDIT_MARGIN),
+                          "--rate", str(args.slow_tenant))
     except AssertionError as error:  # the harness reports a failed command this way
         raise BenchFailed(str(error).splitlines()[0]) from None
 
@@ -499,24 +611,89 @@ def _stop_fleet(fleet: Fleet) -> None:
 
 # --- loading ------------------------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class Groups:
+    """The campaigns of a run by role: the main ones (--messages), the small ones
+    (--small-campaigns) and the slow tenant's (--slow-tenant). The run's figures are the main
+    and small campaigns'; the slow tenant's campaign is watched beside them."""
+
+    main: dataset.Campaigns
+    small: dataset.Campaigns | None = None
+    slow: dataset.Campaigns | None = None
+
+    @property
+    def mixed(self) -> bool:
+        return self.small is not None or self.slow is not None
+
+    def run_ids(self) -> list[int]:
+        return [*self.main.ids, *(self.small.ids if self.small else ())]
+
+    def labelled(self) -> tuple[list[int], list[str]]:
+        """Every campaign id, and each one's group: the arguments of GROUP_SUMS."""
+        ids: list[int] = []
+        labels: list[str] = []
+        for label, campaigns in (("main", self.main), ("small", self.small),
+                                 ("slow", self.slow)):
+            if campaigns is not None:
+                ids += campaigns.ids
+                labels += [label] * len(campaigns.ids)
+        return ids, labels
+
+
 async def _load(url: str, args: argparse.Namespace,
-                tenants: list[str]) -> tuple[dataset.Campaigns, dict[str, Any]]:
+                tenants: list[str]) -> tuple[Groups, dict[str, Any]]:
+    """The campaigns and their messages, recipients numbered on across the groups; with a slow
+    tenant the others are drafts, started once it is sending (_start_beside_slow)."""
+    total = all_messages(args)
+    sending = args.slow_tenant is None
     conn = await asyncpg.connect(url)
     try:
-        campaigns = await dataset.create_campaigns(
-            conn, dataset.campaign_tenants(args.campaigns, tenants))
-        say(f"loading {args.messages:,} messages into {args.campaigns} campaign(s)")
-        insert_s = await dataset.insert_messages(
-            conn, "sendd.message", args.messages, campaigns, reject_rate=args.reject,
-            progress=_load_progress(args.messages))
+        tenants_s = await _small_tenants(conn, args)
+        main = await dataset.create_campaigns(
+            conn, dataset.campaign_tenants(args.campaigns, tenants), sending=sending)
+        small = slow = None
+        if args.small_campaigns:
+            small = await dataset.create_campaigns(
+                conn, dataset.tenant_names(args.small_campaigns, "small"), prefix="small",
+                sending=sending)
+        if args.slow_tenant is not None:
+            slow = await dataset.create_campaigns(conn, [SLOW_TENANT], prefix="slow")
+        say(f"loading {total:,} messages into {args.campaigns} campaign(s)"
+            + (f", {args.small_campaigns:,} small ones of {args.small_size:,}" if small else "")
+            + (f", the slow tenant's of {args.slow_messages:,}" if slow else ""))
+        insert_s = 0.0
+        start = 0
+        for campaigns, count, sender in ((main, args.messages, dataset.SENDER),
+                                         (small, small_messages(args), dataset.SENDER),
+                                         (slow, slow_messages(args), SLOW_SENDER)):
+            if campaigns is None:
+                continue
+            insert_s += await dataset.insert_messages(
+                conn, "sendd.message", count, campaigns, reject_rate=args.reject, start=start,
+                sender=sender, progress=_load_progress(count))
+            start += count
         vacuum_s = await dataset.vacuum_analyze(conn, "sendd.message")
     finally:
         await conn.close()
-    say(f"loaded in {insert_s:.1f} s ({args.messages / insert_s:,.0f} rows/s), "
+    say(f"loaded in {insert_s:.1f} s ({total / insert_s:,.0f} rows/s), "
         f"VACUUM ANALYZE {vacuum_s:.1f} s")
-    return campaigns, {"messages": args.messages, "insert_s": round(insert_s, 2),
-                       "rows_per_s": round(args.messages / insert_s),
-                       "vacuum_analyze_s": round(vacuum_s, 2)}
+    load = {"messages": total, "insert_s": round(insert_s, 2),
+            "rows_per_s": round(total / insert_s), "vacuum_analyze_s": round(vacuum_s, 2)}
+    if tenants_s is not None:
+        load["small_tenants_s"] = round(tenants_s, 2)
+    return Groups(main, small, slow), load
+
+
+async def _small_tenants(conn: asyncpg.Connection, args: argparse.Namespace) -> float | None:
+    """Create the small campaigns' tenants as `sendd tenant set` does (its own function, in
+    this process: a thousand `sendd` processes would take minutes); the seconds it took."""
+    if not args.small_campaigns:
+        return None
+    say(f"creating {args.small_campaigns:,} tenants for the small campaigns")
+    started = time.monotonic()
+    for tenant in dataset.tenant_names(args.small_campaigns, "small"):
+        await set_tenant(conn, tenant, credits=args.small_size + CREDIT_MARGIN)
+    return time.monotonic() - started
 
 
 def _load_progress(total: int) -> Callable[[int, float], None]:
@@ -585,6 +762,10 @@ class CountingConnection:
         self.statements += 1
         return await self.conn.fetchrow(sql, *args)
 
+    async def fetch(self, sql: str, *args: Any) -> Any:
+        self.statements += 1
+        return await self.conn.fetch(sql, *args)
+
     async def execute(self, sql: str, *args: Any) -> Any:
         self.statements += 1
         return await self.conn.execute(sql, *args)
@@ -596,24 +777,36 @@ class CountingConnection:
 class Watched:
     series: list[dict[str, Any]]
     total: int
-    end_s: float  # from the daemons' start to the last campaign's finished_at
+    end_s: float  # from the origin to the last (main or small) campaign's finished_at
     transactional_inserted: int
     bench_statements: int  # the harness's own transactions between the snapshots
+    # The Unix time the figures count from: the daemons' start, or with a slow tenant the main
+    # campaigns' start, `origin_s` seconds after the daemons'.
+    origin: float
+    origin_s: float
 
 
-async def _watch(url: str, fleet: Fleet, campaigns: dataset.Campaigns, args: argparse.Namespace,
+async def _watch(url: str, fleet: Fleet, groups: Groups, args: argparse.Namespace,
                  tenant: str, t0: float, meter: cpu.CpuMeter) -> Watched:
-    """Sample until every campaign message is done, trickling transactional messages in."""
+    """Sample until every campaign message is done, trickling transactional messages in (from
+    the daemons' readiness, or with a slow tenant from the main campaigns' start); then wait
+    for the transactional messages and the slow tenant's campaign."""
     conn = CountingConnection(await asyncpg.connect(url))
     trickle_conn = CountingConnection(await asyncpg.connect(url))
-    ready, stop = asyncio.Event(), asyncio.Event()
+    ready, started, stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    go = started if groups.slow is not None else ready
     trickle = asyncio.create_task(
-        _trickle(trickle_conn, args.transactional, tenant, ready, stop))
+        _trickle(trickle_conn, args.transactional, tenant, go, stop))
     try:
         async with httpx.AsyncClient(timeout=2.0) as http:
             readiness = asyncio.create_task(_watch_readiness(http, fleet, t0, ready))
             try:
-                series = await _sample_until_done(conn, http, fleet, list(campaigns.ids), t0,
+                origin = t0
+                if groups.slow is not None:
+                    origin = await _start_beside_slow(conn, fleet, groups, readiness, ready, t0)
+                    meter.start()  # the CPU of the main campaigns' run, not of the lead
+                    started.set()
+                series = await _sample_until_done(conn, http, fleet, groups, origin,
                                                   readiness, meter)
             finally:
                 readiness.cancel()
@@ -621,28 +814,60 @@ async def _watch(url: str, fleet: Fleet, campaigns: dataset.Campaigns, args: arg
         inserted = await trickle
         if inserted:
             await _wait_transactional(conn, fleet)
+        if groups.slow is not None:
+            await _wait_campaigns(conn, fleet, list(groups.slow.ids), "the slow tenant's")
         finished = await conn.fetchval(
             "SELECT extract(epoch FROM max(finished_at)) FROM sendd.campaign "
-            "WHERE id = ANY($1::bigint[])", list(campaigns.ids))
+            "WHERE id = ANY($1::bigint[])", groups.run_ids())
     finally:
         trickle.cancel()
         await conn.conn.close()
         await trickle_conn.conn.close()
-    end_s = float(finished) - t0 if finished is not None else series[-1]["t"]
+    end_s = float(finished) - origin if finished is not None else series[-1]["t"]
     # +1: the "before" statistics snapshot's own transaction commits after it read the count.
     statements = conn.statements + trickle_conn.statements + 1
     return Watched(series, series[-1]["done"] + series[-1]["backlog"], end_s, inserted,
-                   statements)
+                   statements, origin, round(origin - t0, 3))
+
+
+async def _start_beside_slow(conn: CountingConnection, fleet: Fleet, groups: Groups,
+                             readiness: asyncio.Task[None], ready: asyncio.Event,
+                             t0: float) -> float:
+    """Once every daemon is ready and the slow tenant's first message is done, wait
+    SLOW_LEAD_S more and start the other campaigns; the Unix time they were started."""
+    assert groups.slow is not None
+    slow_ids = list(groups.slow.ids)
+    deadline = time.monotonic() + READY_TIMEOUT + STALL_TIMEOUT
+    first_done: float | None = None
+    while first_done is None or time.monotonic() - first_done < SLOW_LEAD_S:
+        if readiness.done():
+            readiness.result()  # raises if a daemon never got ready
+        fleet.alive_or_fail()
+        if first_done is None and ready.is_set():
+            if (await conn.fetchrow(CAMPAIGN_SUMS, slow_ids))["done"]:
+                first_done = time.monotonic()
+        if time.monotonic() > deadline:
+            raise BenchFailed(f"the slow tenant sent nothing in {READY_TIMEOUT + STALL_TIMEOUT:g}"
+                              f" s: {log_tail(fleet.logs[0])}")
+        await asyncio.sleep(0.05)
+    origin = time.time()
+    row = await conn.fetchrow(START_CAMPAIGNS, groups.run_ids())
+    slow = await conn.fetchrow(CAMPAIGN_SUMS, slow_ids)
+    say(f"  {origin - t0:6.1f} s  the slow tenant has {slow['done']:,} of {slow['total']:,} "
+        f"done: {row['started']:,} campaign(s) started beside it; times from here on count "
+        "from their start")
+    return origin
 
 
 async def _sample_until_done(conn: CountingConnection, http: httpx.AsyncClient, fleet: Fleet,
-                             campaign_ids: list[int], t0: float, readiness: asyncio.Task[None],
+                             groups: Groups, origin: float, readiness: asyncio.Task[None],
                              meter: cpu.CpuMeter) -> list[dict[str, Any]]:
-    """The time series (and the CPU meter's samples), until every campaign message is done."""
+    """The time series (and the CPU meter's samples), until every main and small campaign
+    message is done; times from `origin`."""
     series: list[dict[str, Any]] = []
     last_progress = last_change = time.monotonic()
     while True:
-        point = await _sample(conn, http, fleet, campaign_ids, t0)
+        point = await _sample(conn, http, fleet, groups, origin)
         meter.sample()
         if readiness.done():
             readiness.result()  # raises if a daemon never got ready
@@ -660,17 +885,23 @@ async def _sample_until_done(conn: CountingConnection, http: httpx.AsyncClient, 
         if time.monotonic() - last_progress >= PROGRESS_EVERY:
             _progress_line(series)
             last_progress = time.monotonic()
-        await asyncio.sleep(max(0.0, t0 + len(series) * SAMPLE_INTERVAL - time.time()))
+        await asyncio.sleep(max(0.0, origin + len(series) * SAMPLE_INTERVAL - time.time()))
 
 
 async def _sample(conn: CountingConnection, http: httpx.AsyncClient, fleet: Fleet,
-                  campaign_ids: list[int], t0: float) -> dict[str, Any]:
-    row = await conn.fetchrow(CAMPAIGN_SUMS, campaign_ids)
-    t = time.time() - t0
+                  groups: Groups, origin: float) -> dict[str, Any]:
+    rows = await conn.fetch(GROUP_SUMS, *groups.labelled())
+    t = time.time() - origin
     daemons = await asyncio.gather(*(_daemon_state(http, fleet, i)
                                      for i in range(len(fleet.daemons))))
-    return {"t": round(t, 3), "done": row["done"], "backlog": row["total"] - row["done"],
-            "fill": report.channel_fill(daemons), "daemons": daemons}
+    backlog = {r["label"]: r["total"] - r["done"] for r in rows}
+    running = [r for r in rows if r["label"] != "slow"]
+    point = {"t": round(t, 3), "done": sum(r["done"] for r in running),
+             "backlog": sum(r["total"] - r["done"] for r in running),
+             "fill": report.channel_fill(daemons), "daemons": daemons}
+    if groups.mixed:
+        point["group_backlog"] = backlog
+    return point
 
 
 async def _daemon_state(http: httpx.AsyncClient, fleet: Fleet, i: int) -> dict[str, Any]:
@@ -714,15 +945,19 @@ def _progress_line(series: list[dict[str, Any]]) -> None:
     span = point["t"] - earlier["t"]
     rate = (point["done"] - earlier["done"]) / span if span > 0 else 0.0
     rss = ", ".join(f"{(d['rss_kb'] or 0) / 1024:.0f}" for d in point["daemons"])
+    groups = point.get("group_backlog") or {}
+    left = "".join(f"  {label} left {groups[label]:,}" for label in ("main", "small", "slow")
+                   if label in groups)
     say(f"  {point['t']:6.1f} s  done {point['done']:,} of {total:,} "
         f"({100 * point['done'] / max(total, 1):.0f}%)  backlog {point['backlog']:,}  "
-        f"{rate:,.0f} msgs/s  RSS {rss} MiB")
+        f"{rate:,.0f} msgs/s  RSS {rss} MiB{left}")
 
 
 async def _trickle(conn: CountingConnection, rate: float, tenant: str, ready: asyncio.Event,
                    stop: asyncio.Event) -> int:
     """Insert transactional messages one by one at `rate` a second from `ready` (every daemon
-    up: the latency is the pipeline's, not the daemons' start-up) until `stop`; the count.
+    up: the latency is the pipeline's, not the daemons' start-up; with a slow tenant, the main
+    campaigns started) until `stop`; the count.
 
     Times are absolute (start + k / rate), so a slow insert is caught up, not lost.
     """
@@ -755,6 +990,28 @@ async def _first(*events: asyncio.Event) -> None:
             wait.cancel()
 
 
+async def _wait_campaigns(conn: CountingConnection, fleet: Fleet, ids: list[int],
+                          whose: str) -> None:
+    """Wait until every message of the campaigns is done (the slow tenant's, at its rate)."""
+    last_progress = last_change = time.monotonic()
+    last_done = -1
+    while True:
+        row = await conn.fetchrow(CAMPAIGN_SUMS, ids)
+        if row["done"] >= row["total"]:
+            return
+        fleet.alive_or_fail()
+        if row["done"] != last_done:
+            last_done, last_change = row["done"], time.monotonic()
+        elif time.monotonic() - last_change > STALL_TIMEOUT:
+            raise BenchFailed(f"{whose} campaign: no message done for {STALL_TIMEOUT:g} s "
+                              f"({row['done']:,} of {row['total']:,}): "
+                              f"{log_tail(fleet.logs[0])}")
+        if time.monotonic() - last_progress >= PROGRESS_EVERY:
+            say(f"  waiting for {whose} campaign: {row['done']:,} of {row['total']:,} done")
+            last_progress = time.monotonic()
+        await asyncio.sleep(SAMPLE_INTERVAL)
+
+
 async def _wait_transactional(conn: CountingConnection, fleet: Fleet) -> None:
     """Wait for the last transactional messages; ones still pending show up as lost."""
     deadline = time.monotonic() + TRANSACTIONAL_TIMEOUT
@@ -781,24 +1038,43 @@ def proc_status_kb(pid: int, field: str) -> int | None:
 # --- after the run --------------------------------------------------------------------------------
 
 async def _outcome(url: str, args: argparse.Namespace, provider: dict[str, Any],
-                   fake: FakeProvider) -> dict[str, Any]:
-    """Final statuses, lost, duplicates, provider versus database, ledger, transactional."""
+                   fake: FakeProvider, groups: Groups) -> dict[str, Any]:
+    """Final statuses, lost, duplicates, provider versus database, ledger, transactional, and
+    where the slow tenant's messages were when the main campaigns started and finished."""
     conn = await asyncpg.connect(url)
     try:
         rows = [dict(r) for r in await conn.fetch(STATUS_COUNTS)]
         debited = await conn.fetchval(LEDGER_DEBITED)
         created = {r["reference"]: r["created"] for r in await conn.fetch(TRANSACTIONAL_SENT)}
         campaigns = [dict(r) for r in await conn.fetch(CAMPAIGN_ROWS)]
+        slow = await _slow_progress(conn, groups, campaigns)
     finally:
         await conn.close()
     accepted = fake.accepted_at(list(created)) if created else {}
     latencies = [(accepted[ref] - at) * 1000 for ref, at in created.items()
                  if accepted.get(ref) is not None]
-    expected = dataset.expected_rejections(args.messages, args.reject)
+    # The groups' recipients are numbered on from one another (_load): one telescoping sum.
+    expected = dataset.expected_rejections(all_messages(args), args.reject)
     return {**report.summarize_statuses(rows, expected), "ledger_debited": debited,
             "duplicates": provider["duplicate_references"],
             "provider_accepted": provider["accepted"], "provider_rejected": provider["rejected"],
-            "campaigns": campaigns, "transactional_latencies_ms": latencies}
+            "campaigns": campaigns, "transactional_latencies_ms": latencies,
+            "slow_progress": slow}
+
+
+async def _slow_progress(conn: asyncpg.Connection, groups: Groups,
+                         campaigns: list[dict[str, Any]]) -> dict[str, int] | None:
+    """The slow tenant's messages: sent, and done before, while and after the main campaigns
+    ran (from their first start to their last finish, the database's timestamps)."""
+    if groups.slow is None:
+        return None
+    main = [c for c in campaigns if c["id"] in set(groups.main.ids)]
+    starts = [c["started_at"] for c in main if c["started_at"] is not None]
+    ends = [c["finished_at"] for c in main if c["finished_at"] is not None]
+    if not starts or len(ends) < len(main):
+        return None
+    row = await conn.fetchrow(SLOW_PROGRESS, list(groups.slow.ids), min(starts), max(ends))
+    return dict(row)
 
 
 def _ceiling(url: str, args: argparse.Namespace, when: str) -> dict[str, Any] | None:
@@ -852,6 +1128,7 @@ class Results:
     started_at: datetime
     loadavg_start: tuple[float, ...]
     load: dict[str, Any]
+    groups: Groups
     watched: Watched
     fleet: Fleet
     before: dict[str, Any]
@@ -870,9 +1147,15 @@ def figures_of(args: argparse.Namespace, r: Results) -> dict[str, Any]:
     sustained = report.sustained_rate(series, r.watched.total)
     outcome = dict(r.outcome)
     latencies = outcome.pop("transactional_latencies_ms")
+    mix = mix_of(args, r.groups, r.watched, outcome.pop("slow_progress"), outcome["campaigns"],
+                 r.provider)
     exit_codes = [d.process.returncode for d in r.fleet.daemons]
-    problems = report.problems_of(outcome, exit_codes)
+    problems = report.problems_of(outcome, exit_codes) + report.mix_problems(mix)
     best = (r.ceiling or {}).get("msgs_per_s")
+    # The database's work covers the slow tenant's messages too; the CPU meter (with a slow
+    # tenant, from the main campaigns' start to their end) those it did meanwhile.
+    slow = (mix or {}).get("slow") or {}
+    processed = r.watched.total + r.watched.transactional_inserted
     return {
         "date": r.started_at.isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]),
@@ -880,7 +1163,9 @@ def figures_of(args: argparse.Namespace, r: Results) -> dict[str, Any]:
         "scenario": scenario_of(args), "config": daemon_settings(args), "load": r.load,
         "run": {"messages": r.watched.total, "wall_s": round(r.watched.end_s, 3),
                 "msgs_per_s": round(r.watched.total / r.watched.end_s, 1),
-                "sustained": sustained, "daemon_ready_s": r.fleet.ready_s},
+                "sustained": sustained, "daemon_ready_s": r.fleet.ready_s,
+                "from": MAIN_START if r.groups.slow is not None else DAEMON_START,
+                "from_s": r.watched.origin_s},
         "transactional": {"rate": args.transactional,
                           "inserted": r.watched.transactional_inserted,
                           **report.latency_summary(latencies), "note": TRANSACTIONAL_NOTE},
@@ -888,16 +1173,55 @@ def figures_of(args: argparse.Namespace, r: Results) -> dict[str, Any]:
                      "exit_code": exit_codes[i], "ready_s": r.fleet.ready_s[i]}
                     for i, d in enumerate(r.fleet.daemons)],
         "db_writes": report.db_writes(
-            r.before, r.after, r.watched.total + r.watched.transactional_inserted,
+            r.before, r.after, processed + slow_messages(args),
             bench_rows=r.watched.transactional_inserted, bench_xacts=r.watched.bench_statements),
         "db_stats": {"before": r.before, "after": r.after},
         "statements": report.statement_costs(r.statements, r.watched.total),
-        "cpu": report.cpu_split(r.cpu, r.watched.total + r.watched.transactional_inserted),
-        "outcome": outcome, "provider": r.provider,
+        "cpu": report.cpu_split(r.cpu, processed + slow.get("done_during_main", 0)),
+        "mix": mix, "outcome": outcome, "provider": r.provider,
         "ceiling": r.ceiling, "ratio": report.ratio(sustained["msgs_per_s"], best),
         "ok": not problems, "problems": problems,
         "series": series,
     }
+
+
+DAEMON_START = "the daemons' start"
+MAIN_START = "the main campaign's start (the daemons running, the slow tenant sending)"
+
+
+def mix_of(args: argparse.Namespace, groups: Groups, watched: Watched,
+           slow_progress: dict[str, int] | None, campaigns: list[dict[str, Any]],
+           provider: dict[str, Any]) -> dict[str, Any] | None:
+    """report.json's "mix": the main campaigns' finish, the slow tenant's rate and progress,
+    each small campaign's finish; None when the run had neither."""
+    if not groups.mixed:
+        return None
+    finished = {c["id"]: c["finished_epoch"] for c in campaigns}
+    tenants = {c["id"]: c["tenant_id"] for c in campaigns}
+    main = report.finish_times([finished.get(i) for i in groups.main.ids], watched.origin)
+    main_s = main["last_s"]
+    mix: dict[str, Any] = {
+        "from": MAIN_START if groups.slow is not None else DAEMON_START,
+        "main": {"campaigns": len(groups.main.ids), "messages": args.messages,
+                 "finished_s": main_s,
+                 "msgs_per_s": round(args.messages / main_s, 1) if main_s else None},
+    }
+    if groups.slow is not None:
+        peaks = provider.get("max_msgs_per_1s_by_sender") or {}
+        slow_end = report.finish_times([finished.get(i) for i in groups.slow.ids],
+                                       watched.origin)["last_s"]
+        mix["slow"] = {"tenant": SLOW_TENANT, "sender": SLOW_SENDER, "lead_s": SLOW_LEAD_S,
+                       **report.slow_tenant_figures(args.slow_tenant, args.daemons,
+                                                    slow_progress, peaks.get(SLOW_SENDER),
+                                                    main_s, slow_end)}
+    if groups.small is not None:
+        times = report.finish_times([finished.get(i) for i in groups.small.ids],
+                                    watched.origin, before=main_s)
+        mix["small"] = {"campaigns": len(groups.small.ids), "size": args.small_size,
+                        "tenants": len(set(groups.small.tenants)), **times,
+                        "per_campaign": report.per_campaign(groups.small.ids, tenants,
+                                                            finished, watched.origin)}
+    return mix
 
 
 def _write_report(figures: dict[str, Any], args: argparse.Namespace) -> None:
@@ -907,7 +1231,13 @@ def _write_report(figures: dict[str, Any], args: argparse.Namespace) -> None:
         s = figures["scenario"]
         title = (f"{s['messages']:,} messages, {s['daemons']} daemon(s), batch {s['batch_size']}"
                  f", provider {s['latency_ms']:g} ms")
-        report.write_chart(figures["series"], args.out / "chart.png", title)
+        if s["small_campaigns"]:
+            title += f", {s['small_campaigns']:,} small campaigns of {s['small_size']:,}"
+        since = "the daemons started"
+        if s["slow_tenant"] is not None:
+            title += f", a tenant at {s['slow_tenant']:,} msgs/s"
+            since = "the main campaign started"
+        report.write_chart(figures["series"], args.out / "chart.png", title, since)
 
 
 if __name__ == "__main__":

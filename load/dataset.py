@@ -6,9 +6,11 @@ PostgreSQL itself (`INSERT ... SELECT ... FROM generate_series`), in chunks so t
 transaction grows huge and progress can be shown. The schema's statement-level insert trigger
 keeps `sendd.campaign.total` exact, as it would for any application insert.
 
-Message i (0-based) belongs to campaign i % C. Its recipient is a valid-looking Greek mobile
-`+3069` + 8 digits, except for an evenly spread `reject_rate` share that get the fake
-provider's reject prefix `+99`, so exactly floor(count * reject_rate) are rejected.
+Message i (0-based, from `start`) belongs to campaign (i - start) % C. Its recipient is a
+valid-looking Greek mobile `+3069` + 8 digits of i, except for an evenly spread `reject_rate`
+share that get the fake provider's reject prefix `+99`, so exactly floor(count * reject_rate)
+are rejected; groups loaded one after the other (each `start` where the previous one ended)
+get distinct recipients, and floor(all * reject_rate) rejections between them.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ SENDER = "sendd"
 MAX_MESSAGES = 99_999_999  # the 8-digit subscriber part of the recipients
 
 # $1 tenants by campaign slot, $2 campaign ids by slot, $3 slots, $4 reject rate, $5 account,
-# $6 sender, $7 body, $8..$9 the range of i. The reject test telescopes: over i = 0..n-1 it is
-# true floor(n * rate) times, spread evenly, whatever the rounding of i * rate.
+# $6 sender, $7 body, $8..$9 the range of i, $10 the group's first i. The reject test
+# telescopes: over i = 0..n-1 it is true floor(n * rate) times, spread evenly, whatever the
+# rounding of i * rate.
 _INSERT = """
 INSERT INTO {table} (tenant_id, campaign_id, account, sender, recipient, body)
-SELECT ($1::text[])[1 + i % $3], ($2::bigint[])[1 + i % $3], $5, $6,
+SELECT ($1::text[])[1 + (i - $10) % $3], ($2::bigint[])[1 + (i - $10) % $3], $5, $6,
        CASE WHEN floor((i + 1) * $4::float8) > floor(i * $4::float8)
             THEN '+99' || lpad(i::text, 10, '0')
             ELSE '+3069' || lpad(i::text, 8, '0') END,
@@ -52,8 +55,8 @@ def expected_rejections(count: int, reject_rate: float) -> int:
     return math.floor(count * reject_rate)
 
 
-def tenant_names(count: int) -> list[str]:
-    return [f"bench-{i + 1}" for i in range(count)]
+def tenant_names(count: int, prefix: str = "bench") -> list[str]:
+    return [f"{prefix}-{i + 1}" for i in range(count)]
 
 
 def campaign_tenants(campaigns: int, tenants: Sequence[str]) -> list[str]:
@@ -61,20 +64,26 @@ def campaign_tenants(campaigns: int, tenants: Sequence[str]) -> list[str]:
     return [tenants[j % len(tenants)] for j in range(campaigns)]
 
 
-async def create_campaigns(conn: Any, tenants: Sequence[str]) -> Campaigns:
-    """One sending campaign per entry of `tenants`, as `sendd enqueue` would create it."""
+async def create_campaigns(conn: Any, tenants: Sequence[str], *, prefix: str = "bench",
+                           sending: bool = True) -> Campaigns:
+    """One campaign per entry of `tenants`, named `prefix`-1, -2, ...: sending, as `sendd
+    enqueue` would create it, or (`sending` false) a draft, to be started later."""
+    status, started = ("sending", "now()") if sending else ("draft", "NULL")
     ids = []
     for slot, tenant in enumerate(tenants):
         ids.append(await conn.fetchval(
             "INSERT INTO sendd.campaign (tenant_id, name, status, started_at) "
-            "VALUES ($1, $2, 'sending', now()) RETURNING id", tenant, f"bench-{slot + 1}"))
+            f"VALUES ($1, $2, '{status}', {started}) RETURNING id",
+            tenant, f"{prefix}-{slot + 1}"))
     return Campaigns(ids, list(tenants))
 
 
 async def insert_messages(conn: Any, table: str, count: int, campaigns: Campaigns, *,
-                          reject_rate: float = 0.0, chunk: int = CHUNK,
+                          reject_rate: float = 0.0, chunk: int = CHUNK, start: int = 0,
+                          sender: str = SENDER,
                           progress: Callable[[int, float], None] | None = None) -> float:
-    """Insert `count` queued messages into `table`; returns the seconds it took.
+    """Insert `count` queued messages (i = start .. start + count - 1) into `table`; returns the
+    seconds it took.
 
     `table` is spliced into the SQL, so it must be a trusted name (ours, never user input).
     `progress(rows_so_far, seconds)` is called after every chunk.
@@ -85,7 +94,8 @@ async def insert_messages(conn: Any, table: str, count: int, campaigns: Campaign
     for low in range(0, count, chunk):
         high = min(low + chunk, count) - 1
         await conn.execute(sql, list(campaigns.tenants), list(campaigns.ids), slots,
-                           reject_rate, ACCOUNT, SENDER, BODY, low, high)
+                           reject_rate, ACCOUNT, sender, BODY, start + low, start + high,
+                           start)
         if progress is not None:
             progress(high + 1, time.monotonic() - started)
     return time.monotonic() - started

@@ -105,10 +105,14 @@ def moving_average(values: Sequence[float], half_width: int) -> list[float]:
 
 
 def parse_channels(metrics_text: str) -> dict[str, list[float]]:
-    """{channel: [used, capacity]} from a daemon's /metrics (sendd.metrics.StateCollector)."""
+    """{channel: [used, capacity]} from a daemon's /metrics (sendd.metrics.StateCollector).
+
+    Only the channel gauges' lines are parsed: with a thousand tenants /metrics has thousands
+    of per-tenant series, and parsing them all twice a second took a third of a core from the
+    daemons being measured."""
     channels: dict[str, list[float]] = {}
     try:
-        for family in text_string_to_metric_families(metrics_text):
+        for family in text_string_to_metric_families(_channel_lines(metrics_text)):
             if family.name in CHANNEL_GAUGES:
                 slot = CHANNEL_GAUGES.index(family.name)
                 for sample in family.samples:
@@ -117,6 +121,15 @@ def parse_channels(metrics_text: str) -> dict[str, list[float]]:
     except ValueError:  # a truncated scrape: keep what was read, the next sample will do
         pass
     return channels
+
+
+def _channel_lines(metrics_text: str) -> str:
+    """The samples, HELP and TYPE lines of the channel gauges alone."""
+    names = tuple(f" {name} " for name in CHANNEL_GAUGES)
+    kept = [line for line in metrics_text.splitlines()
+            if line.startswith(CHANNEL_GAUGES)
+            or line.startswith("#") and any(name in line for name in names)]
+    return "\n".join(kept) + "\n" if kept else ""
 
 
 def channel_fill(daemons: Iterable[Mapping[str, Any]]) -> dict[str, float]:
@@ -229,6 +242,65 @@ def bracketed_ceiling(before: Mapping[str, Any] | None,
             "drift": round((max(rates) - min(rates)) / mean, 3)}
 
 
+# --- the mixed-tenant runs (--slow-tenant, --small-campaigns) ------------------------------------
+
+def finish_times(finished: Sequence[float | None], origin: float, *,
+                 before: float | None = None) -> dict[str, Any]:
+    """When campaigns finished, in seconds from `origin` (Unix times; None: not finished): how
+    many finished, the first, median, 90th percentile and last; with `before` (seconds from
+    `origin`), also how many finished by then."""
+    done = sorted(at - origin for at in finished if at is not None)
+    times = {"finished": len(done), "first_s": _rounded(done[0] if done else None, 3)}
+    for q in (50, 90):
+        times[f"p{q}_s"] = _rounded(percentile(done, q), 3)
+    times["last_s"] = _rounded(done[-1] if done and len(done) == len(finished) else None, 3)
+    if before is not None:
+        times["by_main_end"] = sum(1 for t in done if t <= before)
+    return times
+
+
+def per_campaign(ids: Sequence[int], tenants: Mapping[int, str],
+                 finished: Mapping[int, float | None], origin: float) -> list[dict[str, Any]]:
+    """Each campaign's tenant and finish, in seconds from `origin` (None: not finished)."""
+    rows = []
+    for i in ids:
+        at = finished.get(i)
+        rows.append({"campaign": i, "tenant": tenants.get(i),
+                     "finished_s": None if at is None else round(at - origin, 3)})
+    return rows
+
+
+def slow_tenant_figures(rate: int, daemons: int, progress: Mapping[str, int] | None,
+                        peak: int | None, main_s: float | None,
+                        finished_s: float | None) -> dict[str, Any]:
+    """The slow tenant beside the main campaigns. `progress`: its messages, sent, and done
+    before, while and after the main campaigns ran (bench.SLOW_PROGRESS); `peak`: the most it
+    had accepted in any 1 s at the provider. Limits are per daemon, so `daemons` x `rate` may
+    arrive in one second."""
+    counts = dict(progress or {})
+    during = counts.get("done_during_main")
+    return {"rate": rate, "allowed_peak_per_1s": rate * daemons, "peak_per_1s": peak,
+            "messages": counts.get("messages"), "sent": counts.get("sent"),
+            "done_before_main": counts.get("done_before_main"), "done_during_main": during,
+            "rate_during_main": round(during / main_s, 1) if during is not None and main_s
+            else None,
+            "unsent_at_main_end": counts.get("unsent_at_main_end"), "finished_s": finished_s}
+
+
+def mix_problems(mix: Mapping[str, Any] | None) -> list[str]:
+    """What the mix broke: the slow tenant over its rate at the provider."""
+    slow = (mix or {}).get("slow")
+    if not slow:
+        return []
+    peak, allowed = slow["peak_per_1s"], slow["allowed_peak_per_1s"]
+    if peak is not None and peak > allowed:
+        return [f"the slow tenant had {peak:,} messages accepted in one second at the provider, "
+                f"above its limit of {allowed:,}"]
+    if peak is None and slow["sent"]:
+        return ["the provider reported no per-second peak for the slow tenant's sender"]
+    return []
+
+
 def ratio(part: float | None, whole: float | None) -> float | None:
     if part is None or not whole:
         return None
@@ -256,7 +328,8 @@ def markdown(report: Mapping[str, Any]) -> str:
     lines = [f"# sendd benchmark, {report['date']}", "", _scenario_line(report), "",
              "| figure | value |", "|---|---|"]
     lines += [f"| {label} | {value} |" for label, value in _figure_rows(report)]
-    lines += ["", *_table_rows(report["db_writes"]), *_statement_rows(report.get("statements")),
+    lines += [*_mix_rows(report.get("mix"), report), "", *_table_rows(report["db_writes"]),
+              *_statement_rows(report.get("statements")),
               "", _machine_line(report["machine"]),
               "", f"Command: `{report['command']}`", "", _verdict(report)]
     return "\n".join(lines) + "\n"
@@ -272,7 +345,18 @@ def _scenario_line(report: Mapping[str, Any]) -> str:
             f"{s['latency_ms']:g} ms latency (+0..{s['jitter_ms']:g} ms jitter), "
             f"429 {_pct(s['error_429'])}, 503 {_pct(s['error_503'])}, "
             f"rejected {_pct(s['reject'])}; transactional {s['transactional']:g}/s; "
-            f"durable PostgreSQL; seed {s['seed']}.")
+            f"{_mix_scenario(s)}durable PostgreSQL; seed {s['seed']}.")
+
+
+def _mix_scenario(s: Mapping[str, Any]) -> str:
+    parts = []
+    if s.get("small_campaigns"):
+        parts.append(f"{s['small_campaigns']:,} small campaigns of {s['small_size']:,} "
+                     "messages beside them, one tenant each")
+    if s.get("slow_tenant") is not None:
+        parts.append(f"a slow tenant limited to {s['slow_tenant']:,} msgs/s with "
+                     f"{s['slow_messages']:,} messages, sending before them")
+    return "".join(f"{part}; " for part in parts)
 
 
 def _figure_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -284,7 +368,7 @@ def _figure_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("sustained throughput (10% to 90% done)", _rate(run["sustained"]["msgs_per_s"])),
         ("overall throughput", f"{_rate(run['msgs_per_s'])} ({run['messages']:,} messages "
                                f"in {run['wall_s']:.2f} s)"),
-        ("wall time, daemon start to last message done", f"{run['wall_s']:.2f} s"),
+        (f"wall time, {_wall_from(run)} to last message done", f"{run['wall_s']:.2f} s"),
         ("bare-PostgreSQL ceiling", _ceiling_text(ceiling)),
         ("sustained / ceiling", _fmt(report.get("ratio"), "{:.2f}")),
         ("transactional latency p50 / p90 / p99 / max", _latency_text(tx)),
@@ -303,6 +387,63 @@ def _figure_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("load (not counted)", f"{load['messages']:,} rows in {load['insert_s']:.1f} s, "
                                f"VACUUM ANALYZE {load['vacuum_analyze_s']:.1f} s"),
     ]
+
+
+def _wall_from(run: Mapping[str, Any]) -> str:
+    if run.get("from_s"):
+        return f"the main campaign's start ({run['from_s']:.1f} s after the daemons')"
+    return "daemon start"
+
+
+def _mix_rows(mix: Mapping[str, Any] | None, report: Mapping[str, Any]) -> list[str]:
+    """The mixed-tenant section: the main campaigns, the slow tenant, the small campaigns."""
+    if not mix:
+        return []
+    main = mix["main"]
+    rows = [("main campaign(s)", f"{main['messages']:,} messages in {main['campaigns']:,} "
+                                 f"campaign(s), done at {_seconds(main['finished_s'])} "
+                                 f"({_rate(main['msgs_per_s'])})")]
+    slow = mix.get("slow")
+    if slow:
+        rows += [
+            (f"slow tenant, limited to {slow['rate']:,} msgs/s",
+             f"{_count(slow['messages'])} messages, {_count(slow['sent'])} sent; peak "
+             f"{_count(slow['peak_per_1s'])} in any 1 s at the provider (limit "
+             f"{slow['allowed_peak_per_1s']:,})"),
+            ("slow tenant beside the main campaign",
+             f"{_count(slow['done_before_main'])} done before it started, "
+             f"{_count(slow['done_during_main'])} while it ran "
+             f"({_fmt(slow['rate_during_main'], '{:,.1f}')} msgs/s), "
+             f"**{_count(slow['unsent_at_main_end'])} still unsent when it finished**; "
+             f"all done at {_seconds(slow['finished_s'])}"),
+        ]
+    small = mix.get("small")
+    if small:
+        rows.append((
+            f"small campaigns ({small['campaigns']:,} × {small['size']:,} messages, "
+            f"{small['tenants']:,} tenants)",
+            f"**last done at {_seconds(small['last_s'])}** against "
+            f"{_seconds(main['finished_s'])} for the main campaign; first "
+            f"{_seconds(small['first_s'])}, median {_seconds(small['p50_s'])}, p90 "
+            f"{_seconds(small['p90_s'])}; {_count(small.get('by_main_end'))} of "
+            f"{small['campaigns']:,} "
+            "done before the main one"))
+        run = report["run"]
+        rows.append(("all campaign messages (main and small)",
+                     f"{run['messages']:,}: {_rate(run['sustained']['msgs_per_s'])} sustained, "
+                     f"{_fmt(report.get('ratio'), '{:.2f}')} of the ceiling; "
+                     f"{_rate(run['msgs_per_s'])} overall"))
+    return ["", f"Mixed tenants (times from {mix['from']}; every campaign's in report.json, "
+                "`mix`):", "", "| figure | value |", "|---|---|",
+            *(f"| {label} | {value} |" for label, value in rows)]
+
+
+def _seconds(value: float | None) -> str:
+    return _fmt(value, "{:.2f} s")
+
+
+def _count(value: int | None) -> str:
+    return _fmt(value, "{:,}")
 
 
 def cpu_split(seconds: Mapping[str, float], messages: int) -> dict[str, Any]:
@@ -423,8 +564,13 @@ def write_json(report: Mapping[str, Any], path: Path) -> None:
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 
-def write_chart(series: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> None:
-    """Three stacked panels over time: throughput, backlog, channel fill (summed over daemons)."""
+GROUP_COLOURS = {"main": "tab:blue", "small": "tab:green", "slow": "tab:red"}
+
+
+def write_chart(series: Sequence[Mapping[str, Any]], path: Path, title: str = "",
+                since: str = "the daemons started") -> None:
+    """Three stacked panels over time: throughput, backlog (of each group of campaigns too, in
+    a mixed run), channel fill (summed over daemons)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display, no GUI toolkit
@@ -434,7 +580,13 @@ def write_chart(series: Sequence[Mapping[str, Any]], path: Path, title: str = ""
     fig, (rate_ax, backlog_ax, fill_ax) = plt.subplots(3, 1, sharex=True, figsize=(10, 8))
     try:
         _plot_rate(rate_ax, t, [p["throughput"] for p in series])
-        backlog_ax.plot(t, [p["backlog"] for p in series], color="tab:orange")
+        backlog_ax.plot(t, [p["backlog"] for p in series], color="tab:orange",
+                        label="all but the slow tenant")
+        for group in sorted({g for p in series for g in p.get("group_backlog", {})}):
+            backlog_ax.plot(t, [p.get("group_backlog", {}).get(group) for p in series],
+                            linewidth=0.8, label=group, color=GROUP_COLOURS.get(group))
+        if len(backlog_ax.lines) > 1:
+            backlog_ax.legend(loc="upper right", fontsize="small")
         backlog_ax.set_ylabel("backlog")
         for channel in sorted({ch for p in series for ch in p.get("fill", {})}):
             fill_ax.plot(t, [p.get("fill", {}).get(channel) for p in series], label=channel)
@@ -442,7 +594,7 @@ def write_chart(series: Sequence[Mapping[str, Any]], path: Path, title: str = ""
         fill_ax.set_ylim(0, 1.05)
         if fill_ax.lines:
             fill_ax.legend(loc="upper right", fontsize="small")
-        fill_ax.set_xlabel("seconds since the daemons started")
+        fill_ax.set_xlabel(f"seconds since {since}")
         for ax in (rate_ax, backlog_ax, fill_ax):
             ax.grid(True, alpha=0.3)
         if title:

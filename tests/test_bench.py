@@ -107,12 +107,63 @@ def test_bench_end_to_end(tmp_path):
         assert mention in summary, (mention, summary)
 
 
+@pytest.mark.slow
+def test_bench_mixed_tenants_end_to_end(tmp_path):
+    """A slow tenant sending before the main campaign, small campaigns of their own tenants
+    beside it and the transactional trickle: the mix section, the slow tenant held to its rate
+    at the provider, every small campaign's finish."""
+    out = tmp_path / "report"
+    args = ["--messages", "3000", "--slow-tenant", "20", "--slow-messages", "150",
+            "--small-campaigns", "20", "--small-size", "10", "--transactional", "10",
+            "--reject", "0.01", "--ceiling-messages", "0", "--no-chart", "--out", str(out)]
+    result = subprocess.run([sys.executable, str(LOAD / "bench.py"), *args], cwd=tmp_path,
+                            capture_output=True, text=True, env=env(), timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads((out / "report.json").read_text())
+    assert figures["ok"] and figures["problems"] == [], figures["problems"]
+
+    outcome = figures["outcome"]
+    assert outcome["duplicates"] == 0 and outcome["lost"] == 0, outcome
+    # 3,000 + 20 x 10 + 150 recipients numbered on: 1 % of 3,350 rejected, all of them failed.
+    assert outcome["rejected_expected"] == 33 == outcome["rejected_failed"], outcome
+    assert figures["run"]["messages"] == 3200  # the main and small campaigns, not the slow one
+    assert figures["run"]["from_s"] > bench.SLOW_LEAD_S
+    assert all(c["status"] == "completed" for c in outcome["campaigns"]), outcome["campaigns"]
+
+    mix = figures["mix"]
+    assert mix["from"] == bench.MAIN_START
+    slow = mix["slow"]
+    assert slow["messages"] == 150 and slow["sent"] == 150 - 1, slow  # one +99 among them
+    assert 0 < slow["peak_per_1s"] <= 20, slow
+    assert slow["done_before_main"] > 0
+    assert (slow["done_before_main"] + slow["done_during_main"] + slow["unsent_at_main_end"]
+            == 150), slow
+    assert slow["finished_s"] >= mix["main"]["finished_s"] or slow["unsent_at_main_end"] == 0
+    small = mix["small"]
+    assert (small["campaigns"], small["tenants"], small["finished"]) == (20, 20, 20), small
+    assert len(small["per_campaign"]) == 20
+    assert {row["tenant"] for row in small["per_campaign"]} == {f"small-{i}" for i in
+                                                                range(1, 21)}
+    assert small["last_s"] == max(row["finished_s"] for row in small["per_campaign"])
+    tx = figures["transactional"]
+    assert tx["inserted"] > 0 and tx["count"] == tx["inserted"], tx
+
+    summary = (out / "report.md").read_text()
+    for mention in ("Mixed tenants", "| slow tenant, limited to 20 msgs/s |",
+                    "| small campaigns (20 × 10 messages, 20 tenants) |", "Result: **OK**"):
+        assert mention in summary, (mention, summary)
+
+
 @pytest.mark.parametrize("argv, mention", [
     (["--tenants", "2", "--campaigns", "1"], "--campaigns (1) must be at least --tenants (2)"),
     (["--reject", "1.5"], "argument --reject: must be between 0 and 1"),
     (["--messages", "lots"], "argument --messages: not an integer"),
     (["--batch-size", "0"], "argument --batch-size: must be between 1 and 1,000"),
     (["--error-429", "nan"], "argument --error-429: must be between 0 and 1"),
+    (["--slow-messages", "100"], "--slow-messages needs --slow-tenant"),
+    (["--small-size", "10"], "--small-size needs --small-campaigns"),
+    (["--slow-tenant", "0"], "argument --slow-tenant: must be between 1 and 1,000,000"),
+    (["--messages", "99999999", "--small-campaigns", "1"], "must not exceed 99,999,999"),
 ])
 def test_bad_arguments_get_one_line_and_exit_2(argv, mention, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -135,7 +186,135 @@ def test_defaults():
     assert single["account"]["max_batch"] == bench.SINGLE_GROUP
 
 
+def test_mix_defaults():
+    plain = bench.parse_args([])
+    assert (plain.slow_tenant, plain.small_campaigns, bench.all_messages(plain)) == (
+        None, 0, 100_000)
+    scenario = bench.scenario_of(plain)
+    assert (scenario["slow_tenant"], scenario["slow_messages"], scenario["small_campaigns"],
+            scenario["small_size"]) == (None, 0, 0, 0)
+
+    mixed = bench.parse_args(["--messages", "1000", "--slow-tenant", "50",
+                              "--small-campaigns", "30"])
+    assert (mixed.slow_messages, mixed.small_size) == (1000, 100)  # 20 s of its rate; 100
+    assert bench.all_messages(mixed) == 1000 + 30 * 100 + 1000
+    given = bench.parse_args(["--slow-tenant", "5", "--slow-messages", "7",
+                              "--small-campaigns", "2", "--small-size", "3"])
+    assert {k: bench.scenario_of(given)[k] for k in ("slow_tenant", "slow_messages",
+                                                     "small_campaigns", "small_size")} == {
+        "slow_tenant": 5, "slow_messages": 7, "small_campaigns": 2, "small_size": 3}
+
+
+def test_groups_label_every_campaign_and_run_the_main_and_small_ones():
+    main = dataset.Campaigns([1, 2], ["bench-1", "bench-1"])
+    small = dataset.Campaigns([3, 4, 5], ["small-1", "small-2", "small-3"])
+    slow = dataset.Campaigns([6], ["slow"])
+    assert not bench.Groups(main).mixed
+    assert bench.Groups(main).labelled() == ([1, 2], ["main", "main"])
+    groups = bench.Groups(main, small, slow)
+    assert groups.mixed and groups.run_ids() == [1, 2, 3, 4, 5]
+    assert groups.labelled() == ([1, 2, 3, 4, 5, 6],
+                                 ["main", "main", "small", "small", "small", "slow"])
+    assert bench.Groups(main, slow=slow).run_ids() == [1, 2]
+
+
 # --- the pure figures ---------------------------------------------------------------------------
+
+def test_finish_times_from_the_origin():
+    origin = 1000.0
+    finished = [1003.0, 1001.0, None, 1002.0, 1005.0]
+    times = report.finish_times(finished, origin, before=3.0)
+    # One not finished: no last time (the run would have failed), the rest still told.
+    assert times == {"finished": 4, "first_s": 1.0, "p50_s": 2.5, "p90_s": 4.4, "last_s": None,
+                     "by_main_end": 3}
+    done = report.finish_times([1001.5, 1000.25], origin)
+    assert (done["first_s"], done["last_s"], "by_main_end" in done) == (0.25, 1.5, False)
+    assert report.finish_times([], origin)["last_s"] is None
+    rows = report.per_campaign([7, 8], {7: "small-1", 8: "small-2"}, {7: 1002.5, 8: None},
+                               origin)
+    assert rows == [{"campaign": 7, "tenant": "small-1", "finished_s": 2.5},
+                    {"campaign": 8, "tenant": "small-2", "finished_s": None}]
+
+
+def test_slow_tenant_figures_and_its_limit():
+    progress = {"messages": 1000, "sent": 990, "done_before_main": 150,
+                "done_during_main": 500, "unsent_at_main_end": 350}
+    slow = report.slow_tenant_figures(50, 1, progress, 50, 10.0, 20.5)
+    assert slow == {"rate": 50, "allowed_peak_per_1s": 50, "peak_per_1s": 50,
+                    "messages": 1000, "sent": 990, "done_before_main": 150,
+                    "done_during_main": 500, "rate_during_main": 50.0,
+                    "unsent_at_main_end": 350, "finished_s": 20.5}
+    assert report.mix_problems({"slow": slow}) == []
+    # Limits are per daemon: three daemons may send three times the rate.
+    assert report.slow_tenant_figures(50, 3, progress, 120, 10.0, 20.5)[
+        "allowed_peak_per_1s"] == 150
+    over = report.slow_tenant_figures(50, 1, progress, 51, 10.0, 20.5)
+    assert report.mix_problems({"slow": over}) == [
+        "the slow tenant had 51 messages accepted in one second at the provider, above its "
+        "limit of 50"]
+    unseen = report.slow_tenant_figures(50, 1, progress, None, 10.0, 20.5)
+    assert "no per-second peak" in report.mix_problems({"slow": unseen})[0]
+    unknown = report.slow_tenant_figures(50, 1, None, None, None, None)
+    assert unknown["rate_during_main"] is None and unknown["sent"] is None
+    assert report.mix_problems({"slow": unknown}) == []
+    assert report.mix_problems(None) == [] == report.mix_problems({"main": {}})
+
+
+def _figures(mix=None, **run):
+    """A made-up report.json, as bench.figures_of builds it."""
+    writes = report.db_writes({"tables": {}, "xact_commit": 0, "wal_records": 0, "wal_bytes": 0},
+                              {"tables": {}, "xact_commit": 0, "wal_records": 0, "wal_bytes": 0},
+                              1000)
+    scenario = bench.scenario_of(bench.parse_args(["--messages", "1000", "--out", "/tmp/x"]))
+    return {"date": "2026-12-03T12:00:00+00:00", "command": "bench", "scenario": scenario,
+            "machine": {"nproc": 2, "cpu_model": "cpu", "memory_gib": 1.0, "kernel": "6",
+                        "python": "3.11", "postgresql": "15", "loadavg_start": "0",
+                        "loadavg_end": "0"},
+            "run": {"messages": 1000, "wall_s": 2.0, "msgs_per_s": 500.0,
+                    "sustained": {"msgs_per_s": 600.0}, **run},
+            "load": {"messages": 1000, "insert_s": 0.1, "vacuum_analyze_s": 0.1},
+            "transactional": {"count": 0}, "daemons": [], "db_writes": writes,
+            "outcome": {"duplicates": 0, "lost": 0, "provider_accepted": 1000, "db_sent": 1000,
+                        "rejected_expected": 0, "rejected_failed": 0},
+            "ceiling": None, "ratio": 0.5, "mix": mix, "ok": True, "problems": []}
+
+
+def test_the_mix_section_of_the_summary():
+    plain = report.markdown(_figures())
+    assert "Mixed tenants" not in plain
+    assert "| wall time, daemon start to last message done | 2.00 s |" in plain
+
+    slow = report.slow_tenant_figures(
+        50, 1, {"messages": 1000, "sent": 1000, "done_before_main": 100,
+                "done_during_main": 100, "unsent_at_main_end": 800}, 50, 2.0, 20.0)
+    small = {"campaigns": 3, "size": 100, "tenants": 3, "finished": 3, "first_s": 0.5,
+             "p50_s": 1.0, "p90_s": 1.4, "last_s": 1.5, "by_main_end": 3, "per_campaign": []}
+    mix = {"from": bench.MAIN_START, "main": {"campaigns": 1, "messages": 700,
+                                              "finished_s": 2.0, "msgs_per_s": 350.0},
+           "slow": slow, "small": small}
+    summary = report.markdown(_figures(mix, from_s=3.5))
+    for mention in (
+            "| wall time, the main campaign's start (3.5 s after the daemons') to last message "
+            "done | 2.00 s |",
+            f"Mixed tenants (times from {bench.MAIN_START}",
+            "| main campaign(s) | 700 messages in 1 campaign(s), done at 2.00 s (350 msgs/s) |",
+            "| slow tenant, limited to 50 msgs/s | 1,000 messages, 1,000 sent; peak 50 in any "
+            "1 s at the provider (limit 50) |",
+            "100 done before it started, 100 while it ran (50.0 msgs/s), **800 still unsent "
+            "when it finished**; all done at 20.00 s",
+            "| small campaigns (3 × 100 messages, 3 tenants) | **last done at 1.50 s** against "
+            "2.00 s for the main campaign; first 0.50 s, median 1.00 s, p90 1.40 s; 3 of 3 "
+            "done before the main one |",
+            "| all campaign messages (main and small) | 1,000: 600 msgs/s sustained, 0.50 of "
+            "the ceiling; 500 msgs/s overall |"):
+        assert mention in summary, (mention, summary)
+    assert "| slow tenant" not in report.markdown(
+        _figures({**mix, "from": bench.DAEMON_START, "slow": None}))
+    scenario = {**_figures()["scenario"], "slow_tenant": 50, "slow_messages": 1000,
+                "small_campaigns": 3, "small_size": 100}
+    line = report._scenario_line({"scenario": scenario})
+    assert ("3 small campaigns of 100 messages beside them, one tenant each; a slow tenant "
+            "limited to 50 msgs/s with 1,000 messages, sending before them; durable") in line
 
 def test_the_ceiling_is_rated_by_the_mean_of_before_and_after_and_drift_is_told():
     def measured(rate: float) -> dict:
@@ -213,6 +392,12 @@ def test_channel_fill_from_metrics():
             'sendd_messages_total{outcome="sent"} 5.0\n')
     channels = report.parse_channels(text)
     assert channels == {"batches": [6.0, 8.0], "claims": [1.0, 4.0]}
+    # Thousands of per-tenant series (a thousand small tenants) are skipped, not parsed.
+    tenants = "".join(f'sendd_messages_total{{outcome="sent",tenant="t{i}"}} 1.0\n'
+                      for i in range(5000))
+    assert report.parse_channels(tenants + text + tenants) == channels
+    assert report.parse_channels(text.replace("# HELP sendd_channel_used Items buffered\n",
+                                              "")) == channels
     assert report.parse_channels("") == {} == report.parse_channels("sendd_channel_used{ 1")
     other = {"channels": {"batches": [2.0, 8.0], "claims": [3.0, 4.0]}}
     assert report.channel_fill([{"channels": channels}, other, {"channels": {}}]) == {
@@ -293,6 +478,7 @@ def test_rejections_are_spread_and_exact():
     assert dataset.expected_rejections(10, 0.0) == 0
     assert dataset.expected_rejections(10, 1.0) == 10
     assert dataset.campaign_tenants(5, ["a", "b"]) == ["a", "b", "a", "b", "a"]
+    assert dataset.tenant_names(2, "small") == ["small-1", "small-2"]
 
 
 def test_loading_messages(database_url):
@@ -327,6 +513,9 @@ def test_chart_is_a_png(tmp_path):
     for samples in (11, 200):  # short runs plot the samples only, long ones smooth them too
         points = [{"t": t / 2, "done": 10 * t, "backlog": 2000 - 10 * t,
                    "fill": {"claims": t / samples, "batches": 0.5}} for t in range(samples)]
+        if samples == 11:  # a mixed run: each group's backlog too
+            for point in points:
+                point["group_backlog"] = {"main": point["backlog"], "slow": 100}
         path = tmp_path / f"chart-{samples}.png"
         report.write_chart(report.with_throughput(points), path, "test")
         assert path.read_bytes().startswith(PNG_SIGNATURE)
