@@ -14,6 +14,7 @@ import trio
 
 from sendd.core.breaker import Admission, State, Ticket
 from sendd.core.outcomes import Reaction, classify, classify_each, released, speaking_for
+from sendd.core.ratelimit import GUARD_WINDOW
 from sendd.db.claims import MARK_SUBMITTED
 from sendd.db.leases import LEASE_MARGIN
 from sendd.db.retry import retrying
@@ -31,10 +32,12 @@ log = structlog.get_logger()
 LEASE_WAIT = 0.05  # seconds between marks while the lease waits for its renewal
 # How late after its rate grant a request may still leave on that grant: the governor's
 # windows are 50 ms longer than a second (ratelimit.GUARD_WINDOW) to absorb such delays.
-GRANT_SLACK = 0.025
-# A marked batch late for its grant waits at most this long for a new one; longer (a 429's
-# Retry-After came in meanwhile) it goes back to the queue, so that nothing waits marked.
-REGRANT_WAIT = 1.0
+GRANT_SLACK = 0.04
+# A marked batch late for its grant waits at most this long for a new one: a window and a
+# little (a limited tenant's batch is a whole second of its rate, so its next grant can be a
+# full window away); longer (a 429's Retry-After came in meanwhile) it goes back to the queue,
+# so that nothing waits marked.
+REGRANT_WAIT = GUARD_WINDOW + 0.1
 LOCAL_PAUSE = 1.0  # seconds a sender rests after this machine failed to open a connection
 
 Sent = list[BatchResult | Unsettled]

@@ -65,6 +65,11 @@ WHERE m.id = r.id AND m.lease_owner = $10
 """
 
 
+LOCK_CAMPAIGNS = """
+SELECT 1 FROM sendd.campaign WHERE id = ANY($1::bigint[]) ORDER BY id FOR KEY SHARE
+"""
+
+
 def outcome_columns(outcomes: list[Outcome]) -> list[list[Any]]:
     """The outcomes as column arrays for one `unnest` (one round trip for any number).
 
@@ -90,8 +95,21 @@ async def write_results(conn: Any, instance_id: str, results: list[BatchResult])
 
 async def write_outcomes(conn: Any, instance_id: str, marks: list[int],
                          outcomes: list[Outcome]) -> int:
-    """Store the outcomes and close `marks`, in one statement; returns the rows changed."""
-    status = await conn.execute(WRITE_OUTCOMES, marks, *outcome_columns(outcomes), instance_id)
+    """Store the outcomes and close `marks`, in one statement; returns the rows changed.
+
+    Messages going back to the queue first lock their campaigns FOR KEY SHARE, as a mark does:
+    a cancel in progress (it holds its campaign FOR UPDATE) is waited for, and the statement
+    after it then sees the campaign cancelled and cancels them instead of queueing them in a
+    cancelled campaign (a cancel that comes after finds them queued)."""
+    columns = outcome_columns(outcomes)
+    requeued = sorted({o.message.campaign_id for o in outcomes
+                       if o.status in (RETRY, RELEASE) and o.message.campaign_id is not None})
+    if not requeued:
+        status = await conn.execute(WRITE_OUTCOMES, marks, *columns, instance_id)
+        return int(status.split()[-1])
+    async with conn.transaction():
+        await conn.execute(LOCK_CAMPAIGNS, requeued)
+        status = await conn.execute(WRITE_OUTCOMES, marks, *columns, instance_id)
     return int(status.split()[-1])
 
 

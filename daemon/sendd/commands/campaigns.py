@@ -88,8 +88,12 @@ async def cancel(conn: Any, campaign_id: int) -> dict[str, Any]:
         result = await _transition(
             conn, campaign_id, ("draft", "scheduled", "sending", "paused"), "cancelled", reason=None
         )
-        await conn.execute(CANCEL_QUEUED, campaign_id)
+        # Claimed first, queued second: a batch a writer puts back (claimed -> queued) while
+        # these run is either waited for by CANCEL_CLAIMED (its rows are locked) and then found
+        # queued by CANCEL_QUEUED, or, once CANCEL_CLAIMED holds the rows, finds them cancelled.
+        # The other order missed a put-back that committed between the two statements.
         await conn.execute(CANCEL_CLAIMED, campaign_id)
+        await conn.execute(CANCEL_QUEUED, campaign_id)
         in_flight = await conn.fetchval(IN_FLIGHT, campaign_id)
     # The trigger-kept counter: counting rows by campaign would need an index on every message.
     cancelled = await conn.fetchval("SELECT cancelled FROM sendd.campaign WHERE id = $1",

@@ -14,8 +14,8 @@ one "tenant" here): their shares are set where they are claimed (sendd.actors.po
 accounts, the one with fewer requests on the wire goes first.
 
 A batch of a paused tenant or account (the operator's pauses, `Controls`) or of a stopped
-campaign (`stop_campaigns`, told by the housekeeper) is handed out at once, to be released
-(put back in the database untouched), never to be sent.
+campaign (`stop_campaigns`, told by sendd.actors.stopper) is handed out at once, to be
+released (put back in the database untouched), never to be sent.
 
 How many messages wait here per tenant and account is what the pollers read to size their
 claims (about a second of each limit: `room_for_tenant`, `room_for_account`).
