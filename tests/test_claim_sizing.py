@@ -108,3 +108,8 @@ def test_beyond_a_hundred_tenants_claims_take_them_in_turn() -> None:
     assert turns[0] == ordered[:100] and turns[1] == ordered[100:200]
     assert turns[2] == ordered[200:] + ordered[:50]  # every tenant within three claims
     assert claimer.next_tenants(set(ordered[:5])) == ordered[:5]  # few tenants: all of them
+    # A tenant with a rate limit is in every claim: it is claimed a second of its rate at a time.
+    claimer.accounts.governor.set_tenant("t150", 50)
+    for _ in range(3):
+        turn = claimer.next_tenants(tenants)
+        assert turn[0] == "t150" and len(turn) == 100 and turn.count("t150") == 1
