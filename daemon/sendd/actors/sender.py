@@ -55,10 +55,12 @@ class Sender:
     health: Health
     metrics: Metrics
 
-    async def send_batch(self, batch: Batch, waited: float | None = None) -> Sent:
+    async def send_batch(self, batch: Batch, waited: float | None = None,
+                         granted: float = 0.0) -> Sent:
         """One batch through breaker, governor, mark (unless it has one) and provider; a 413
-        splits it and sends the halves. `waited`: the seconds a batch from the scheduler
-        waited there for its grant, which it holds as of now (None: wait for one here).
+        splits it and sends the halves. A batch from the scheduler holds its grant for the
+        time `granted` (now, or a moment ahead: it is marked meanwhile) after `waited` seconds
+        there; None: wait for a grant here.
 
         The mark comes after the governor's wait, so that a batch waiting for its rate is still
         only claimed (a cancel or pause takes it back, and a crash puts it back untouched); the
@@ -70,8 +72,8 @@ class Sender:
         if waited is None:
             # Waiting for the rate governor is not being wedged (a 429 can ask for minutes).
             waited = await self._rate_grant(batch)
-        granted = trio.current_time()
-        ticket = self.accounts.breakers.admit(batch.account, granted,
+            granted = trio.current_time()
+        ticket = self.accounts.breakers.admit(batch.account, trio.current_time(),
                                               settings.timeout + LEASE_MARGIN)
         if ticket.admission is Admission.HOLD:
             return [released(batch)]  # the provider went away while this batch waited
@@ -99,10 +101,13 @@ class Sender:
         return len(batch.messages) if self.controls.account(batch.account).single else 1
 
     async def _regrant(self, batch: Batch, granted: float) -> float | None:
-        """Seconds waited for a new grant when the mark made the batch late for its own; None
-        when that would take longer than REGRANT_WAIT (a 429's Retry-After came in)."""
-        if trio.current_time() - granted <= GRANT_SLACK:
-            return 0.0
+        """Seconds waited for the grant: until its time when the batch was marked ahead of it,
+        or for a new one when the mark made it late for its own; None when that would take
+        longer than REGRANT_WAIT (a 429's Retry-After came in)."""
+        now = trio.current_time()
+        if now - granted <= GRANT_SLACK:
+            await trio.sleep_until(granted)
+            return max(0.0, granted - now)
         wait = self.accounts.governor.reserve(
             batch.account, batch.tenant_id, len(batch.messages),
             requests=self._requests(batch)) - trio.current_time()
@@ -290,7 +295,7 @@ async def run_scheduled_sender(
                 await results.send(released(taken.batch))
                 continue
             try:
-                sent = await sender.send_batch(taken.batch, taken.waited)
+                sent = await sender.send_batch(taken.batch, taken.waited, taken.granted)
             finally:
                 scheduler.done(taken.batch.account)
             await hand_on(sent, results, unsettled)
