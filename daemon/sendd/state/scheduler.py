@@ -250,7 +250,7 @@ class Scheduler:
         self.in_flight[batch.account] += 1
         weight = self.controls.tenant_weights.get(batch.tenant_id, 1.0)
         self._virtual[batch.tenant_id] += len(batch.messages) / weight
-        return Taken(batch, None, max(now, granted) - queued.since, granted)
+        return Taken(batch, None, now - queued.since, granted)
 
     def _requests(self, batch: Batch) -> int:
         return len(batch.messages) if self.controls.account(batch.account).single else 1
