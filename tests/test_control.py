@@ -131,8 +131,11 @@ def test_campaign_progress_rate_and_eta() -> None:
     assert later[0]["processed"] == 300 and later[0]["msgs_per_s"] == 100.0
     assert later[0]["eta_s"] == 7.0
     lines = format_progress({"ok": True, "at": "now", "campaigns": later, "draining": False,
-                             "paused": {"all": False}})
+                             "paused": {"all": False},
+                             "waiting": [{"account": "main", "tenant": "*", "for": "sender",
+                                          "messages": 900}]})
     assert "campaign 3 (acme) sending" in lines[1] and "100 msgs/s" in lines[1]
+    assert lines[2] == "waiting:   tenant * on account main: 900 messages, for sender"
 
 
 # --- a running daemon ------------------------------------------------------------------------
@@ -491,8 +494,10 @@ def test_format_status_reads_like_a_summary() -> None:
                               "suspended": "401 unauthorized"}},
         "paused": {"all": False, "tenants": ["acme"], "accounts": ["main"]},
         "outcomes": {"sent": 10},
+        "waiting": [{"account": "main", "tenant": "slow", "for": "rate", "messages": 50}],
     }
     text = format_status(status)
+    assert "waiting:   tenant slow on account main: 50 messages, for rate" in text
     assert "up 1h02m05s" in text and "tenant acme, account main" in text
     assert "writer (2 restarts)" in text and "claims 1/4" in text
     assert "main: 50 msgs/s, unlimited reqs/s (configured 100, unlimited), max batch 100; " \

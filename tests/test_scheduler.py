@@ -180,6 +180,13 @@ async def test_a_paused_tenant_s_waiting_batches_are_released_not_sent(
             await rig.scheduler.put(rig.batch("main", "slow", 10))
         await trio.sleep(0.5)
         assert rig.scheduler.waiting_for()[("main", "slow")] == (RATE, 40)
+        parts.health.scheduler = rig.scheduler  # what status, watch and /metrics read
+        assert parts.health.waiting() == [
+            {"account": "main", "tenant": "slow", "for": RATE, "messages": 40}]
+        exposed = {(s.labels["tenant"], s.labels["reason"]): s.value
+                   for family in parts.metrics.registry.collect() for s in family.samples
+                   if s.name == "sendd_waiting_messages"}
+        assert exposed == {("slow", RATE): 40}
         parts.controls.paused_tenants.add("slow")
         rig.scheduler.wake()
         await trio.testing.wait_all_tasks_blocked()
