@@ -59,9 +59,9 @@ def test_a_limited_tenant_is_claimed_a_second_of_its_rate_at_a_time(database_url
         return claims
 
     first, second, third = _run(database_url, 1_000, work)
-    # A second of its rate (its batches are 30 at most), then nothing while that waits
-    # unsent; the unlimited tenant takes the rest of each chunk.
-    assert first["slow"] == 30
+    # A second of its rate and the next batch (its batches are 30 at most), then nothing while
+    # that waits unsent; the unlimited tenant takes the rest of each chunk.
+    assert first["slow"] == 60
     assert second["slow"] == third["slow"] == 0
     assert first["fast"] >= 500 and second["fast"] >= 500
 

@@ -223,10 +223,10 @@ async def test_room_for_claims_is_about_a_second_of_the_limit(
     parts.accounts.governor.set_tenant("slow", 50)
     scheduler = Scheduler(parts.accounts, parts.controls, capacity=8)
     assert scheduler.room_for_tenant("fast", 1000) is None
-    assert scheduler.room_for_tenant("slow", 50) == 50
+    assert scheduler.room_for_tenant("slow", 50) == 100  # a second, and the next batch
     scheduler.waiting_tenant["slow"] = 30
-    assert scheduler.room_for_tenant("slow", 50) == 20
-    assert scheduler.room_for_tenant("slow", 100) == 70  # at least one batch
+    assert scheduler.room_for_tenant("slow", 50) == 70
+    assert scheduler.room_for_tenant("slow", 100) == 170  # at least one batch, and the next
     # Unlimited account: what its requests on the wire can carry (8 senders, one account).
     assert scheduler.room_for_account("main", 1000) == 8000
     parts.accounts.governor.set_account("main", 200, 0)

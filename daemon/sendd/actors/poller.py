@@ -183,7 +183,7 @@ async def claim_due(conn: Any, claimer: Claimer) -> Claim:
         active = await conn.fetch(ACTIVE_CAMPAIGNS, paused)
         tenant_rooms = {t: claimer.tenant_room(t, accounts)
                         for t in claimer.next_tenants({r["tenant_id"] for r in active})}
-        # A limited tenant with a second of its rate waiting already gets nothing this time.
+        # A limited tenant with a second of its rate (and a batch) unsent gets nothing now.
         campaign_rows = [r for r in active if r["tenant_id"] in tenant_rooms
                          and _has_room(tenant_rooms[r["tenant_id"]])]
         tenants = sorted({r["tenant_id"] for r in campaign_rows})

@@ -169,12 +169,15 @@ class Scheduler:
         return senders if len(config.accounts) == 1 else max(1, math.ceil(senders / 2))
 
     def room_for_tenant(self, tenant: str, one_batch: int) -> int | None:
-        """Messages a claim may add for a limited tenant (about a second of its limit, at least
-        one batch, less what waits here already); None: unlimited."""
+        """Messages a claim may add for a limited tenant: about a second of its limit (at least
+        one batch) and one batch more, less what it has claimed and not sent; None: unlimited.
+        The batch more is the next one on its way while this one waits for its grant: behind a
+        saturating campaign a claim takes a few hundred milliseconds to reach the scheduler,
+        and with a second's worth alone the tenant got 70 % of its limit."""
         limit = self.accounts.governor.tenant_limit(tenant)
         if limit <= 0:
             return None
-        return max(limit, one_batch) - self.waiting_tenant[tenant]
+        return max(limit, one_batch) + one_batch - self.waiting_tenant[tenant]
 
     def room_for_account(self, account: str, one_batch: int) -> int:
         """Messages a claim may add for an account: what its requests on the wire can carry,
