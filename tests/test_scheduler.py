@@ -227,8 +227,8 @@ async def test_room_for_claims_is_about_a_second_of_the_limit(
     scheduler.waiting_tenant["slow"] = 30
     assert scheduler.room_for_tenant("slow", 50) == 70
     assert scheduler.room_for_tenant("slow", 100) == 170  # at least one batch, and the next
-    # Unlimited account: what its requests on the wire can carry (8 senders, one account).
-    assert scheduler.room_for_account("main", 1000) == 8000
+    # Unlimited account: what its requests on the wire can carry, twice (8 senders, one account).
+    assert scheduler.room_for_account("main", 1000) == 16_000
     parts.accounts.governor.set_account("main", 200, 0)
     assert scheduler.room_for_account("main", 200) == 200
     parts.accounts.governor.penalize("main", retry_after=5.0)

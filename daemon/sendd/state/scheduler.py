@@ -180,13 +180,15 @@ class Scheduler:
         return max(limit, one_batch) + one_batch - self.waiting_tenant[tenant]
 
     def room_for_account(self, account: str, one_batch: int) -> int:
-        """Messages a claim may add for an account: what its requests on the wire can carry,
-        and about a second of its (backed-off) message limit, less what waits here already;
+        """Messages a claim may add for an account: what its requests on the wire can carry
+        (twice), and about a second of its (backed-off) message limit, less what waits already;
         none while a 429's Retry-After lasts longer than a second."""
         if self.accounts.governor.backing_off(account) > 1.0:
             return 0
-        # Enough for every request it may have on the wire, and a second of its limit.
-        room = self.max_in_flight(account) * one_batch
+        # Enough for every request it may have on the wire twice over (the next ones are being
+        # claimed and batched while these are out: with only once, the pollers of a lone fast
+        # account stopped claiming while the senders were busy), and a second of its limit.
+        room = 2 * self.max_in_flight(account) * one_batch
         limit, _ = self.accounts.governor.effective(account)
         if limit > 0:
             room = min(room, max(limit, one_batch))
