@@ -22,7 +22,7 @@ from sendd.actors.gauges import run_gauges
 from sendd.actors.heartbeat import run_heartbeat
 from sendd.actors.housekeeper import Housekeeper, run_housekeeper
 from sendd.actors.poller import CAMPAIGN_POLLERS
-from sendd.config import Config
+from sendd.config import Config, mask_url
 from sendd.control.reload import reload_on_signal, switch_config
 from sendd.control.server import serve_control
 from sendd.db import leases, migrate
@@ -31,6 +31,8 @@ from sendd.errors import UserError, describe, first_leaf
 from sendd.http.operators import Observed, serve_http
 from sendd.notify import Notifier, watchdog_interval
 from sendd.pipeline import Parts, build_parts, provider_connections, run_pipeline
+from sendd.shared.limits import FleetLimits, run_redis_watch
+from sendd.shared.link import RedisLink
 from sendd.state.controls import Controls
 from sendd.state.lease import LeaseLost, new_instance_id
 from sendd.supervisor import CrashLoop
@@ -74,6 +76,9 @@ async def run_daemon(config: Config, *, ready: trio.Event | None = None,
         finally:
             for provider in parts.accounts.providers.values():
                 await provider.aclose()
+            if parts.accounts.fleet is not None:
+                with trio.CancelScope(shield=True):
+                    await parts.accounts.fleet.link.aclose()
     finally:
         with trio.CancelScope(shield=True):
             await pool_cm.__aexit__(None, None, None)
@@ -93,8 +98,13 @@ async def _start(config: Config, pool: Any, drain: trio.Event) -> Parts:
         await leases.register(conn, instance_id, config.pipeline.lease_seconds)
         await leases.serve_accounts(conn, instance_id, list(config.accounts))
     structlog.contextvars.bind_contextvars(instance=instance_id)  # on every log line
-    return build_parts(config, pool, instance_id, registered + config.pipeline.lease_seconds,
-                       drain)
+    parts = build_parts(config, pool, instance_id, registered + config.pipeline.lease_seconds,
+                        drain)
+    if config.redis.url:
+        parts.accounts.fleet = FleetLimits(RedisLink(config.redis.url), parts.accounts.governor,
+                                           parts.health, parts.lease)
+        log.info("limits_shared", redis=mask_url(config.redis.url))
+    return parts
 
 
 def _service_actors(parts: Parts) -> list[tuple[str, Callable[..., Any]]]:
@@ -113,6 +123,8 @@ def _service_actors(parts: Parts) -> list[tuple[str, Callable[..., Any]]]:
                                       accounts=parts.accounts, controls=parts.controls,
                                       health=health)),
         ("http", functools.partial(serve_http, observed)),  # /healthz /readyz /metrics
+        *([("redis", functools.partial(run_redis_watch, parts.accounts.fleet))]
+          if parts.accounts.fleet is not None else []),
     ]
 
 

@@ -35,7 +35,7 @@ async def renew_once(pool: Any, lease: Lease, health: Health, seconds: float) ->
     if not renewed:
         raise LeaseLost(f"lease of instance {lease.instance_id} ended; exiting")
     # A safe lower bound: the database set lease_until from a `now()` after `issued`.
-    lease.renew(issued + seconds)
+    lease.renew(issued + seconds, live_daemons=renewed)
 
 
 async def run_heartbeat(

@@ -93,8 +93,26 @@ class Sender:
         return [*results, *await self._request(batch, ticket, waited + regrant)]
 
     async def _rate_grant(self, batch: Batch) -> float:
-        return await self.accounts.governor.acquire(
+        """Wait for this daemon's grant, then the fleet's (express batches: they hold their
+        own senders, so they wait here); seconds waited."""
+        waited = await self.accounts.governor.acquire(
             batch.account, batch.tenant_id, len(batch.messages), requests=self._requests(batch))
+        while (wait := await self._fleet_wait(batch, 0.0)) > 0:
+            await trio.sleep(wait)
+            waited += wait
+        return waited
+
+    async def _fleet_wait(self, batch: Batch, lead: float) -> float:
+        """Reserve the batch in the fleet's limits (sendd.shared.limits) `lead` seconds ahead:
+        0 when granted (or no fleet), else how long to wait before asking again."""
+        fleet = self.accounts.fleet
+        if fleet is None or not fleet.shared:
+            return 0.0
+        verdict = await fleet.reserve(
+            batch.account, batch.tenant_id,
+            self.accounts.governor.configured(batch.account, batch.tenant_id),
+            len(batch.messages), self._requests(batch), lead)
+        return 0.0 if verdict.granted else max(verdict.wait, 0.001)
 
     def _requests(self, batch: Batch) -> int:
         """Requests the batch takes: one, or one per message for a single-message account."""
@@ -111,10 +129,16 @@ class Sender:
         wait = self.accounts.governor.reserve(
             batch.account, batch.tenant_id, len(batch.messages),
             requests=self._requests(batch)) - trio.current_time()
-        if wait > REGRANT_WAIT:
-            return None
-        await trio.sleep(max(0.0, wait))
-        return max(0.0, wait)
+        waited = 0.0
+        while waited + wait <= REGRANT_WAIT:
+            fleet_wait = await self._fleet_wait(batch, max(0.0, wait))
+            if not fleet_wait:
+                await trio.sleep(max(0.0, wait))
+                return waited + max(0.0, wait)
+            await trio.sleep(fleet_wait)
+            waited += fleet_wait
+            wait = max(0.0, wait - fleet_wait)
+        return None
 
     async def _mark(self, batch: Batch, ticket: Ticket) -> bool:
         """Make sure the batch has its durable mark (express batches come marked by their
@@ -189,21 +213,30 @@ class Sender:
         retry = self.controls.config.retry
         outcomes, reaction = (classify_each(batch, responses, retry) if settings.single
                               else classify(batch, response, retry))
-        self._apply(batch.account, reaction)
+        await self._apply(batch.account, reaction)
         _log_batch(batch, response, outcomes, started)
         if any(r.kind == base.LOCAL for r in responses):
             await self._local_trouble(response.error)
         return [BatchResult(batch.submission_id, outcomes)]
 
-    def _apply(self, account: str, reaction: Reaction) -> None:
-        """What the answers mean for the account: suspension, slowing down, speeding up."""
+    async def _apply(self, account: str, reaction: Reaction) -> None:
+        """What the answers mean for the account: suspension, slowing down, speeding up (for
+        the fleet too, when it shares its limits)."""
+        governor, fleet = self.accounts.governor, self.accounts.fleet
         if reaction.suspend is not None:
             self.accounts.suspended[account] = reaction.suspend
             log.error("account_suspended", account=account, reason=reaction.suspend)
         if reaction.throttled:
-            self.accounts.governor.penalize(account, reaction.retry_after)
+            governor.penalize(account, reaction.retry_after)
+            if fleet is not None:
+                msgs, reqs, _ = governor.configured(account, "")
+                await fleet.penalize(account, msgs, reqs, reaction.retry_after)
         elif reaction.accepted:
-            self.accounts.governor.reward(account)
+            governor.reward(account)
+            if fleet is not None and governor.effective(account) != governor.configured(
+                    account, "")[:2]:
+                msgs, reqs, _ = governor.configured(account, "")
+                await fleet.reward(account, msgs, reqs)
 
     async def _split(self, batch: Batch) -> Sent:
         half = len(batch.messages) // 2

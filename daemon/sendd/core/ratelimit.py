@@ -155,24 +155,71 @@ class Governor:
         self._window = window
         self._accounts: dict[str, _Account] = {}
         self._tenants: dict[str, WindowLimit] = {}
+        self._tenant_limits: dict[str, int] = {}  # configured
+        # Daemons sharing each limit (sendd.shared.limits: Redis away): each gets 1/share.
+        self._share = 1
 
     def set_account(self, name: str, msgs_per_s: int, reqs_per_s: int) -> None:
         """Add or reconfigure an account (0 = unlimited); a back-off in progress is kept."""
         account = self._accounts.get(name)
         if account is None:
-            self._accounts[name] = _Account(msgs_per_s, reqs_per_s, self._window)
+            account = self._accounts[name] = _Account(msgs_per_s, reqs_per_s, self._window)
+            account.msg_log.set_limit(self._part(msgs_per_s))
+            account.req_log.set_limit(self._part(reqs_per_s))
             return
-        account.msg_log.set_limit(_reconfigured(account.msgs, account.msg_log.limit, msgs_per_s))
-        account.req_log.set_limit(_reconfigured(account.reqs, account.req_log.limit, reqs_per_s))
+        account.msg_log.set_limit(_reconfigured(self._part(account.msgs), account.msg_log.limit,
+                                                self._part(msgs_per_s)))
+        account.req_log.set_limit(_reconfigured(self._part(account.reqs), account.req_log.limit,
+                                                self._part(reqs_per_s)))
         account.msgs, account.reqs = msgs_per_s, reqs_per_s
 
     def set_tenant(self, tenant: str, msgs_per_s: int) -> None:
         """Add or change a tenant's message limit (0 = unlimited)."""
+        self._tenant_limits[tenant] = msgs_per_s
         log = self._tenants.get(tenant)
         if log is None:
-            self._tenants[tenant] = WindowLimit(msgs_per_s, self._window)
+            self._tenants[tenant] = WindowLimit(self._part(msgs_per_s), self._window)
         else:
-            log.set_limit(msgs_per_s)
+            log.set_limit(self._part(msgs_per_s))
+
+    def set_share(self, daemons: int) -> None:
+        """Keep every limit at 1/`daemons` of its configured value (at least 1), as each of
+        that many daemons does while they cannot share a count; 1: the whole limit. A back-off
+        in progress is dropped (the share is lower than any)."""
+        self._share = max(1, daemons)
+        for account in self._accounts.values():
+            account.msg_log.set_limit(self._part(account.msgs))
+            account.req_log.set_limit(self._part(account.reqs))
+        for tenant, log in self._tenants.items():
+            log.set_limit(self._part(self._tenant_limits.get(tenant, log.limit)))
+
+    def configured(self, account: str, tenant: str) -> tuple[int, int, int]:
+        """The configured (account messages/s, account requests/s, tenant messages/s)."""
+        entry = self._accounts[account]
+        return entry.msgs, entry.reqs, self._tenant_limits.get(tenant, 0)
+
+    def follow(self, account: str, msgs_per_s: int, reqs_per_s: int) -> None:
+        """Take the fleet's effective (backed-off) limits of the account, as Redis keeps them."""
+        entry = self._accounts[account]
+        for log, configured, shared in ((entry.msg_log, entry.msgs, msgs_per_s),
+                                        (entry.req_log, entry.reqs, reqs_per_s)):
+            target = shared if 0 < shared < configured else configured
+            if log.limit != target:
+                log.set_limit(target)
+
+    def defer(self, account: str, seconds: float) -> None:
+        """Grant nothing for the account for `seconds` (a Retry-After another daemon got)."""
+        entry = self._accounts[account]
+        entry.not_before = max(entry.not_before, self._clock() + seconds)
+
+    def defer_all(self, seconds: float) -> None:
+        for name in self._accounts:
+            self.defer(name, seconds)
+
+    def _part(self, configured: int) -> int:
+        if configured <= 0 or self._share == 1:
+            return configured
+        return max(1, configured // self._share)
 
     def max_batch(self, account: str, tenant: str | None, single: bool = False) -> int:
         """Largest unit count one grant can take now: the smallest message limit that applies
@@ -252,8 +299,8 @@ class Governor:
     def reward(self, account: str) -> None:
         """On a success: grow the effective limits back by 10% of the configured ones."""
         entry = self._accounts[account]
-        entry.msg_log.set_limit(_grown(entry.msg_log.limit, entry.msgs))
-        entry.req_log.set_limit(_grown(entry.req_log.limit, entry.reqs))
+        entry.msg_log.set_limit(_grown(entry.msg_log.limit, self._part(entry.msgs)))
+        entry.req_log.set_limit(_grown(entry.req_log.limit, self._part(entry.reqs)))
 
     def effective(self, account: str) -> tuple[int, int]:
         """The account's current (messages/s, requests/s) limits; 0 means unlimited."""

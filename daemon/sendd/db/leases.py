@@ -25,10 +25,13 @@ VALUES ($1, $2, $3, now() + make_interval(secs => $4))
 """
 
 # Fails (no row) once the lease has ended or another daemon has adopted our work.
+# Also counts the live daemons (this one included): a fleet's share of each limit while Redis
+# is away (sendd.shared.limits).
 RENEW = """
 UPDATE sendd.instance SET lease_until = now() + make_interval(secs => $2)
 WHERE id = $1 AND lease_until > now() AND stopped_at IS NULL
-RETURNING lease_until
+RETURNING (SELECT count(*) FROM sendd.instance
+           WHERE stopped_at IS NULL AND lease_until > now()) AS live
 """
 
 # Work that never left: sending rows of an instance without an open submission mark.
@@ -101,9 +104,10 @@ async def register(conn: Any, instance_id: str, lease_seconds: float) -> None:
     await conn.execute(REGISTER, instance_id, socket.gethostname(), os.getpid(), lease_seconds)
 
 
-async def renew(conn: Any, instance_id: str, lease_seconds: float) -> bool:
-    """Extend the lease; False when it had already ended (our claims may be someone else's)."""
-    return await conn.fetchval(RENEW, instance_id, lease_seconds) is not None
+async def renew(conn: Any, instance_id: str, lease_seconds: float) -> int | None:
+    """Extend the lease; the live daemons, or None when it had already ended (our claims may
+    be someone else's)."""
+    return await conn.fetchval(RENEW, instance_id, lease_seconds)
 
 
 async def release_unsubmitted(conn: Any, instance_id: str) -> int:

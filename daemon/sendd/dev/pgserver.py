@@ -336,6 +336,17 @@ class PrivateRedis:
         self.directory = None
         self.port = None
 
+    def stop_process(self) -> None:
+        """Stop the server but keep its port, to start it again (empty) with start_process."""
+        self._end_process()
+
+    def start_process(self) -> None:
+        """Start a stopped server again on the same port (it comes back empty)."""
+        binary = shutil.which("redis-server")
+        assert binary is not None and self.port is not None
+        self._spawn(binary)
+        self._wait_until_ready()
+
     @property
     def _logfile(self) -> Path:
         assert self.directory is not None

@@ -1,5 +1,6 @@
-"""What this daemon knows live about each provider account: its connection, its rate governor,
-its circuit breaker, a suspension by the provider, and the largest batch the provider took.
+"""What this daemon knows live about each provider account: its connection, its rate governor
+(and the fleet's, in Redis), its circuit breaker, a suspension by the provider, and the largest
+batch the provider took.
 
 The account *settings* (limits, timeouts) are configuration and live in `Controls.config`;
 this is what the daemon learned by sending.
@@ -8,6 +9,7 @@ this is what the daemon learned by sending.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -15,6 +17,9 @@ from sendd.config import AccountConfig
 from sendd.core.breaker import Breakers
 from sendd.core.ratelimit import Governor
 from sendd.providers.base import Provider
+
+if TYPE_CHECKING:
+    from sendd.shared.limits import FleetLimits
 
 
 @dataclass
@@ -27,6 +32,8 @@ class Accounts:
     suspended: dict[str, str] = field(default_factory=dict)
     # Accounts whose provider refused a batch as too large: account -> the size that fits.
     batch_cap: dict[str, int] = field(default_factory=dict)
+    # The limits shared with the other daemons through Redis (`redis.url`), or None.
+    fleet: FleetLimits | None = None
 
     def max_batch(self, settings: AccountConfig, tenant: str | None) -> int:
         """The largest batch for an account and tenant: provider limit, 413s and rate limits

@@ -27,10 +27,14 @@ class Lease:
     def __init__(self, instance_id: str, valid_until: float) -> None:
         self.instance_id = instance_id
         self.valid_until = valid_until
+        # Daemons with a live lease on the database (this one too), at the last renewal.
+        self.live_daemons = 1
         self._renewed = trio.Event()
 
-    def renew(self, valid_until: float) -> None:
+    def renew(self, valid_until: float, live_daemons: int | None = None) -> None:
         self.valid_until = valid_until
+        if live_daemons is not None:
+            self.live_daemons = max(1, live_daemons)
         self._renewed.set()
         self._renewed = trio.Event()
 

@@ -41,9 +41,11 @@ Key = tuple[str, str]  # (account, tenant)
 # its rate).
 MARK_LEAD = 0.05
 
-# What a waiting tenant or account waits for (status, metrics, `ctl watch`).
-RATE, BACKOFF, BREAKER, PAUSE, CONCURRENCY, SENDER = (
-    "rate", "backoff", "breaker", "pause", "concurrency", "sender")
+# What a waiting tenant or account waits for (status, metrics, `ctl watch`); FLEET: Redis's
+# hold after it was away or lost its data, or this daemon falling back to its share.
+RATE, BACKOFF, BREAKER, PAUSE, CONCURRENCY, SENDER, FLEET = (
+    "rate", "backoff", "breaker", "pause", "concurrency", "sender", "fleet")
+_HELD_FOR = {"rate": RATE, "backoff": BACKOFF, "hold": FLEET, "fallback": FLEET}
 
 
 @dataclass(slots=True)
@@ -88,6 +90,9 @@ class Scheduler:
     stopped: set[int] = field(default_factory=set)  # campaigns paused or cancelled
     closed: bool = False
     _virtual: dict[str, float] = field(default_factory=dict)  # tenant -> virtual time
+    # Keys the fleet's limits refused (sendd.shared.limits): until when, and why.
+    _held: dict[Key, tuple[float, str]] = field(default_factory=dict)
+    _reserving: set[Key] = field(default_factory=set)  # keys a taker is asking Redis about
     _ready: int = 0  # batches that could go at the last look
     _putting: int = 0  # batchers waiting for space
     _taking: int = 0  # senders waiting for a batch
@@ -128,8 +133,10 @@ class Scheduler:
         while True:
             now = trio.current_time()
             key, wake_at = self._choose(now)
+            if key is not None and await self._fleet_grants(key, now):
+                return self._pop(key, trio.current_time())
             if key is not None:
-                return self._pop(key, now)
+                continue
             if self.closed and not self.queues:
                 return None
             self._taking += 1
@@ -218,12 +225,18 @@ class Scheduler:
         wake_at = math.inf
         ready = 0
         for key, queue in self.queues.items():
+            if key in self._reserving:
+                continue  # its first batch is being asked about; the answer wakes the takers
             batch = queue[0].batch
             if self._to_release(batch):
                 return key, now
             account, tenant = key
             if self.in_flight[account] >= self.max_in_flight(account):
                 continue  # `done` wakes the takers
+            held = self._held.get(key)
+            if held is not None and held[0] > now:
+                wake_at = min(wake_at, held[0])
+                continue
             at = self._earliest(batch, now)
             if at > now + MARK_LEAD:
                 wake_at = min(wake_at, at - MARK_LEAD)
@@ -237,11 +250,35 @@ class Scheduler:
             self._make_space()
         return best, wake_at
 
+    async def _fleet_grants(self, key: Key, now: float) -> bool:
+        """With limits shared by a fleet: reserve the key's first batch there (its grant time
+        the local one's, MARK_LEAD at most ahead); a refusal holds the key as long as it says.
+        Other takers skip the key meanwhile, so the batch asked about is the one taken."""
+        fleet = self.accounts.fleet
+        batch = self.queues[key][0].batch
+        if fleet is None or not fleet.shared or self._to_release(batch):
+            return True
+        account, tenant = key
+        lead = max(0.0, self._earliest(batch, now) - now)
+        self._reserving.add(key)
+        try:
+            verdict = await fleet.reserve(
+                account, tenant, self.accounts.governor.configured(account, tenant),
+                len(batch.messages), self._requests(batch), lead)
+        finally:
+            self._reserving.discard(key)
+            self._wake()
+        if not verdict.granted:
+            self._held[key] = (trio.current_time() + verdict.wait, _HELD_FOR.get(
+                verdict.reason, RATE))
+        return verdict.granted
+
     def _pop(self, key: Key, now: float) -> Taken:
         queue = self.queues[key]
         queued = queue.popleft()
         if not queue:
             del self.queues[key]
+            self._held.pop(key, None)
         batch = queued.batch
         self.waiting_tenant.subtract(m.tenant_id for m in batch.messages)
         self.waiting_account[batch.account] -= len(batch.messages)
@@ -289,6 +326,9 @@ class Scheduler:
             return BREAKER
         if self._to_release(batch):
             return PAUSE
+        held = self._held.get(key)
+        if held is not None and held[0] > now:
+            return held[1]
         if self.accounts.governor.backing_off(account) > 0:
             return BACKOFF
         if self._earliest(batch, now) > now:

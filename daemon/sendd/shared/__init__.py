@@ -1,0 +1,1 @@
+"""Limits shared by a fleet of daemons through Redis."""
