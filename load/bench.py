@@ -242,7 +242,9 @@ def _campaign_options(group: Any) -> None:
                             "round-robin over the campaigns (default 1; at least --tenants)")
     group.add_argument("--transactional", type=_number_in(0, 10_000), default=0.0,
                        metavar="RATE", help="transactional messages per second inserted one "
-                       "by one while the campaign runs; their latency is reported (default 0)")
+                       "by one while the campaign runs (with --slow-tenant, until its "
+                       "campaign is done too: the latency beside its backlog alone is "
+                       "reported apart); their latency is reported (default 0)")
 
 
 def _mix_options(group: Any) -> None:
@@ -789,8 +791,8 @@ class Watched:
 async def _watch(url: str, fleet: Fleet, groups: Groups, args: argparse.Namespace,
                  tenant: str, t0: float, meter: cpu.CpuMeter) -> Watched:
     """Sample until every campaign message is done, trickling transactional messages in (from
-    the daemons' readiness, or with a slow tenant from the main campaigns' start); then wait
-    for the transactional messages and the slow tenant's campaign."""
+    the daemons' readiness, or with a slow tenant from the main campaigns' start, until the
+    slow tenant's campaign is done too); then wait for the transactional messages."""
     conn = CountingConnection(await asyncpg.connect(url))
     trickle_conn = CountingConnection(await asyncpg.connect(url))
     ready, started, stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
@@ -810,12 +812,13 @@ async def _watch(url: str, fleet: Fleet, groups: Groups, args: argparse.Namespac
                                                   readiness, meter)
             finally:
                 readiness.cancel()
+        if groups.slow is not None:
+            # The trickle goes on beside the slow tenant's backlog alone (reported apart).
+            await _wait_campaigns(conn, fleet, list(groups.slow.ids), "the slow tenant's")
         stop.set()
         inserted = await trickle
         if inserted:
             await _wait_transactional(conn, fleet)
-        if groups.slow is not None:
-            await _wait_campaigns(conn, fleet, list(groups.slow.ids), "the slow tenant's")
         finished = await conn.fetchval(
             "SELECT extract(epoch FROM max(finished_at)) FROM sendd.campaign "
             "WHERE id = ANY($1::bigint[])", groups.run_ids())
@@ -1051,7 +1054,7 @@ async def _outcome(url: str, args: argparse.Namespace, provider: dict[str, Any],
     finally:
         await conn.close()
     accepted = fake.accepted_at(list(created)) if created else {}
-    latencies = [(accepted[ref] - at) * 1000 for ref, at in created.items()
+    latencies = [(at, (accepted[ref] - at) * 1000) for ref, at in created.items()
                  if accepted.get(ref) is not None]
     # The groups' recipients are numbered on from one another (_load): one telescoping sum.
     expected = dataset.expected_rejections(all_messages(args), args.reject)
@@ -1146,7 +1149,12 @@ def figures_of(args: argparse.Namespace, r: Results) -> dict[str, Any]:
     series = report.with_throughput(report.with_end(r.watched.series, r.watched.end_s))
     sustained = report.sustained_rate(series, r.watched.total)
     outcome = dict(r.outcome)
-    latencies = outcome.pop("transactional_latencies_ms")
+    # (created, latency) pairs: those created after the main campaigns finished waited
+    # beside the slow tenant's backlog alone.
+    timed = outcome.pop("transactional_latencies_ms")
+    main_end = r.watched.origin + r.watched.end_s
+    latencies = [ms for _, ms in timed]
+    beside_slow = [ms for created, ms in timed if created > main_end]
     mix = mix_of(args, r.groups, r.watched, outcome.pop("slow_progress"), outcome["campaigns"],
                  r.provider)
     exit_codes = [d.process.returncode for d in r.fleet.daemons]
@@ -1168,7 +1176,9 @@ def figures_of(args: argparse.Namespace, r: Results) -> dict[str, Any]:
                 "from_s": r.watched.origin_s},
         "transactional": {"rate": args.transactional,
                           "inserted": r.watched.transactional_inserted,
-                          **report.latency_summary(latencies), "note": TRANSACTIONAL_NOTE},
+                          **report.latency_summary(latencies), "note": TRANSACTIONAL_NOTE,
+                          "beside_slow_alone": (report.latency_summary(beside_slow)
+                                                if r.groups.slow is not None else None)},
         "daemons": [{"pid": d.process.pid, "peak_rss_kb": r.fleet.peak_rss_kb[i],
                      "exit_code": exit_codes[i], "ready_s": r.fleet.ready_s[i]}
                     for i, d in enumerate(r.fleet.daemons)],

@@ -372,6 +372,8 @@ def _figure_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("bare-PostgreSQL ceiling", _ceiling_text(ceiling)),
         ("sustained / ceiling", _fmt(report.get("ratio"), "{:.2f}")),
         ("transactional latency p50 / p90 / p99 / max", _latency_text(tx)),
+        *([("... of those, beside the slow tenant's backlog alone",
+            _latency_text(tx["beside_slow_alone"]))] if tx.get("beside_slow_alone") else []),
         ("peak RSS per daemon", ", ".join(f"{d['peak_rss_kb'] / 1024:.0f} MiB"
                                           for d in report["daemons"]) or "n/a"),
         ("rows written per message", _fmt(writes["rows_per_message"], "{:.2f}")),
