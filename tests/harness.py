@@ -24,6 +24,7 @@ from typing import Any
 import asyncpg
 import httpx
 
+from sendd.commands.tenants import set_tenant
 from sendd.db import migrate
 from sendd.dev.pgserver import PrivatePostgres, free_port
 
@@ -239,7 +240,7 @@ def write_config(path: Path, database_url: str, provider_url: str, *,
                  accounts: dict[str, dict[str, Any]] | None = None,
                  pipeline: dict[str, Any] | None = None,
                  retry: dict[str, Any] | None = None,
-                 daemon: dict[str, Any] | None = None) -> Path:
+                 daemon: dict[str, Any] | None = None, redis_url: str = "") -> Path:
     """A config file for tests: one `main` mitto account at the fake provider by default."""
     sections: dict[str, dict[str, Any]] = {
         "database": {"url": database_url},
@@ -248,6 +249,7 @@ def write_config(path: Path, database_url: str, provider_url: str, *,
                    "control_socket": str(path.parent / "control.sock"), **(daemon or {})},
         "pipeline": {**TEST_PIPELINE, **(pipeline or {})},
         "retry": {**TEST_RETRY, **(retry or {})},
+        **({"redis": {"url": redis_url}} if redis_url else {}),
     }
     _HTTP_LISTEN[path] = sections["daemon"]["http_listen"]
     accounts = accounts or {"main": {}}
@@ -381,3 +383,37 @@ def with_db(url: str, work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> A
             await conn.close()
 
     return asyncio.run(run())
+
+
+# A campaign to queue: (tenant, messages, account, sender).
+Spec = tuple[str, int, str, str]
+
+
+def queue_campaigns(url: str, rates: dict[str, int], campaigns: list[Spec],
+                    start: int = 0) -> list[int]:
+    """Migrate (when needed), create the tenants with their rates (`sendd tenant set T --rate R`
+    does the same) and plenty of credits, and queue each campaign with an application's direct
+    inserts (a draft, its messages, then started; README, "Set up a database and send"): as
+    `sendd enqueue` would, but tens of thousands in well under a second. Distinct recipients
+    from `start` on; the campaigns' ids."""
+
+    async def work(conn: Any) -> list[int]:
+        for tenant, rate in rates.items():
+            await set_tenant(conn, tenant, credits=1_000_000, rate=rate)
+        ids, first = [], start
+        for tenant, count, account, sender in campaigns:
+            campaign_id = await conn.fetchval(
+                "INSERT INTO sendd.campaign (tenant_id, name) VALUES ($1, $2) RETURNING id",
+                tenant, f"{tenant} {len(ids)}")
+            await conn.execute(
+                "INSERT INTO sendd.message (tenant_id, campaign_id, account, sender, recipient, "
+                "body) SELECT $1, $2, $3, $4, '+3069' || lpad(g::text, 8, '0'), "
+                "'Hello from sendd' FROM generate_series($5::int, $6::int) AS g",
+                tenant, campaign_id, account, sender, first, first + count - 1)
+            await conn.execute("UPDATE sendd.campaign SET status = 'sending', "
+                               "started_at = now() WHERE id = $1", campaign_id)
+            ids.append(campaign_id)
+            first += count
+        return ids
+
+    return with_db(url, work)

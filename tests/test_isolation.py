@@ -25,48 +25,15 @@ from harness import (
     busiest_window,
     campaign,
     query,
+    queue_campaigns,
     scalar,
     sendd_json,
     status_counts,
     stays,
     wait_campaign,
     wait_until,
-    with_db,
     write_config,
 )
-from sendd.commands.tenants import set_tenant
-
-# A campaign to queue: (tenant, messages, account, sender).
-Spec = tuple[str, int, str, str]
-
-
-def queue(url: str, rates: dict[str, int], campaigns: list[Spec], start: int = 0) -> list[int]:
-    """Migrate (when needed), create the tenants with their rates (`sendd tenant set T --rate R`
-    does the same) and plenty of credits, and queue each campaign with an application's direct
-    inserts (a draft, its messages, then started; README, "Set up a database and send"): as
-    `sendd enqueue` would, but tens of thousands in well under a second. Distinct recipients
-    from `start` on; the campaigns' ids."""
-
-    async def work(conn: Any) -> list[int]:
-        for tenant, rate in rates.items():
-            await set_tenant(conn, tenant, credits=1_000_000, rate=rate)
-        ids, first = [], start
-        for tenant, count, account, sender in campaigns:
-            campaign_id = await conn.fetchval(
-                "INSERT INTO sendd.campaign (tenant_id, name) VALUES ($1, $2) RETURNING id",
-                tenant, f"{tenant} {len(ids)}")
-            await conn.execute(
-                "INSERT INTO sendd.message (tenant_id, campaign_id, account, sender, recipient, "
-                "body) SELECT $1, $2, $3, $4, '+3069' || lpad(g::text, 8, '0'), "
-                "'Hello from sendd' FROM generate_series($5::int, $6::int) AS g",
-                tenant, campaign_id, account, sender, first, first + count - 1)
-            await conn.execute("UPDATE sendd.campaign SET status = 'sending', "
-                               "started_at = now() WHERE id = $1", campaign_id)
-            ids.append(campaign_id)
-            first += count
-        return ids
-
-    return with_db(url, work)
 
 
 def sent_by(daemon: Daemon, tenant: str) -> list[tuple[float, int]]:
@@ -110,7 +77,7 @@ def test_an_unlimited_tenant_is_not_held_back_by_a_rate_limited_one(
     all)."""
     config = write_config(tmp_path / "sendd.toml", database_url, fake_provider.url,
                           accounts={"main": {"max_batch": 500}})
-    slow, fast = queue(database_url, {"slow": 50, "fast": 0},
+    slow, fast = queue_campaigns(database_url, {"slow": 50, "fast": 0},
                        [("slow", 2_000, "main", "SLOW"), ("fast", 20_000, "main", "FAST")])
     started = time.monotonic()
     with Daemon(config, tmp_path / "daemon.log").wait_ready() as daemon:
@@ -157,8 +124,9 @@ def test_a_fast_account_is_not_held_back_by_a_provider_taking_10s_per_request(
                                    "timeout": 15.0}},
             # The lease must outlast 1.5 x (the longest timeout + 2 s).
             pipeline={"senders": 4, "lease_seconds": 30.0})
-        slow, quick = queue(database_url, {"acme": 0}, [("acme", 1_000, "sluggish", "ACME"),
-                                                        ("acme", 10_000, "quick", "ACME")])
+        slow, quick = queue_campaigns(database_url, {"acme": 0},
+                                      [("acme", 1_000, "sluggish", "ACME"),
+                                       ("acme", 10_000, "quick", "ACME")])
         daemon = Daemon(config, tmp_path / "daemon.log").wait_ready()
         try:
             wait_until(lambda: slow_fake.stats()["send_requests"] > 0, 10,
@@ -189,7 +157,8 @@ def limited_campaign(tmp_path: Path, database_url: str, provider_url: str,
                      total: int) -> tuple[Path, int]:
     """Tenant acme limited to RATE msgs/s, one campaign of `total` queued."""
     config = write_config(tmp_path / "sendd.toml", database_url, provider_url)
-    return config, queue(database_url, {"acme": RATE}, [("acme", total, "main", "ACME")])[0]
+    specs = [("acme", total, "main", "ACME")]
+    return config, queue_campaigns(database_url, {"acme": RATE}, specs)[0]
 
 
 @pytest.mark.serial  # bounds against the wall clock: not beside another test
@@ -247,7 +216,7 @@ def test_a_campaign_cancel_under_a_low_rate_limit_sends_nothing_more_and_frees_t
         reply = sendd_json(config, "campaign", "cancel", str(first))
         returned, returned_at = time.monotonic(), time.time()
         assert reply["status"] == "cancelled", reply
-        second = queue(database_url, {}, [("acme", 3 * RATE, "main", "ACME")],
+        second = queue_campaigns(database_url, {}, [("acme", 3 * RATE, "main", "ACME")],
                        start=100_000)[0]
         wait_until(lambda: campaign_sending(database_url, first) == 0, 5,
                    "the cancelled campaign's requests on the wire to finish", interval=0.05)
@@ -303,7 +272,7 @@ def test_unlimited_tenants_get_equal_shares_while_all_have_backlog(
                               accounts={"main": {"max_batch": 100}},
                               pipeline={"senders": 2})
         per_campaign = 20_000 // campaigns_of_a
-        queue(database_url, dict.fromkeys("abc", 0),
+        queue_campaigns(database_url, dict.fromkeys("abc", 0),
               [("a", per_campaign, "main", "A")] * campaigns_of_a
               + [("b", 20_000, "main", "B"), ("c", 20_000, "main", "C")])
         tenants = tenant_of_each(database_url)

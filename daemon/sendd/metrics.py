@@ -100,6 +100,15 @@ class StateCollector(Collector):
                                entry["messages"])
         yield waiting
         yield _breaker_states(self.accounts)
+        fleet = self.accounts.fleet
+        if fleet is not None:
+            yield GaugeMetricFamily(
+                "sendd_redis_shared", "1 while the limits are shared through Redis, 0 while "
+                "this daemon sends at its share of them (Redis away)",
+                value=float(fleet.shared))
+            yield CounterMetricFamily(
+                "sendd_redis_fallbacks", "Times this daemon lost Redis and fell back to its "
+                "share of the limits", value=fleet.fallbacks)
         unserved = GaugeMetricFamily(
             "sendd_unserved_messages", "Queued messages whose account no running daemon serves",
             labels=["account"])

@@ -128,6 +128,7 @@ def format_status(status: dict[str, Any]) -> str:
     channels = ", ".join(f"{name} {c['used']}/{c['capacity']}"
                          for name, c in status["channels"].items())
     lines.append(f"channels:  {channels}")
+    lines.append(f"limits:    {_limits_text(status.get('redis'))}")
     lines.append("accounts:")
     for name, a in status["accounts"].items():
         rate = f"{_limit(a['msgs_per_s'])} msgs/s, {_limit(a['reqs_per_s'])} reqs/s"
@@ -151,6 +152,15 @@ def format_status(status: dict[str, Any]) -> str:
     for actor, reason in status.get("problems", {}).items():
         lines.append(f"PROBLEM:   {actor}: {reason}")
     return "\n".join(lines)
+
+
+def _limits_text(redis: dict[str, Any] | None) -> str:
+    if redis is None:
+        return "this daemon's own (no redis.url)"
+    if redis["mode"] == "shared":
+        return f"shared through Redis by the fleet (for {_duration(redis['for_s'])})"
+    return (f"REDIS AWAY for {_duration(redis['for_s'])}: sending at 1/{redis['daemons']} of "
+            "each limit (the live daemons' share) until it answers")
 
 
 def format_waiting(waiting: list[dict[str, Any]]) -> list[str]:

@@ -73,6 +73,8 @@ async def status(daemon: RunningDaemon, db: trio.CapacityLimiter,
         "problems": health.current_problems(),
         "paused": _paused(controls),
         "outcomes": dict(health.outcomes),
+        # The fleet's limits: null without `redis.url`.
+        "redis": daemon.accounts.fleet.status() if daemon.accounts.fleet else None,
     }
 
 

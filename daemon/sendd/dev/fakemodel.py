@@ -152,7 +152,7 @@ class FakeProvider:
             entries = self._parse_send(body, bulk)
         except BadRequest as exc:
             return error_reply(400, str(exc))
-        refused = self._refusal(len(entries))
+        refused = self._refusal(key, len(entries))
         if refused is not None:
             return refused
         bulk_no, results = self._process(key, entries, now)
@@ -178,11 +178,12 @@ class FakeProvider:
         _check_entries(entries)
         return entries
 
-    def _refusal(self, count: int) -> Reply | None:
+    def _refusal(self, key: str, count: int) -> Reply | None:
         s = self.settings
         if count > s.max_batch:
             return error_reply(413, f"at most {s.max_batch} messages per request")
-        if s.error_429_rate > 0 and self.rng.random() < s.error_429_rate:
+        if (s.error_429_rate > 0 and s.error_429_key in ("", key)
+                and self.rng.random() < s.error_429_rate):
             return self._too_many()
         if s.error_503_rate > 0 and self.rng.random() < s.error_503_rate:
             return error_reply(503, "service unavailable")

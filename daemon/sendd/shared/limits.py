@@ -126,6 +126,7 @@ class FleetLimits:
             return False
         self.mode, self.since = SHARED, trio.current_time()
         self.governor.set_share(1)
+        self.health.problem_solved("redis")
         log.info("redis_rejoined", hold_s=HOLD)
         return True
 

@@ -83,6 +83,10 @@ class Health:
         """An actor cannot do its work right now (e.g. the database is away)."""
         self._problems[actor] = (reason, trio.current_time())
 
+    def problem_solved(self, actor: str) -> None:
+        """The actor's problem is over (no need to wait for it to age out)."""
+        self._problems.pop(actor, None)
+
     def current_problems(self) -> dict[str, str]:
         """Problems reported recently: an actor that retries reports again on every attempt,
         so one not heard of for PROBLEM_MEMORY seconds has recovered."""

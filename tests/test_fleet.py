@@ -1,0 +1,171 @@
+"""A fleet: three `sendd run` processes sharing one private PostgreSQL and one private Redis
+(`redis.url`), sending to the fake provider over loopback (CONTRACT.md guarantee 3 for a
+fleet; sendd.shared).
+
+Without the shared governor each daemon keeps every limit on its own, so three send at up to
+three times it: each test below fails that way (the first two by the provider's peak window,
+the third because the other daemons do not slow down).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+import redis
+
+from harness import (
+    API_KEY,
+    Daemon,
+    FakeProvider,
+    query,
+    queue_campaigns,
+    sendd_json,
+    wait_campaign,
+    wait_until,
+    write_config,
+)
+from sendd.dev.pgserver import PrivateRedis
+
+ACCOUNT_RATE, TENANT_RATE = 2_000, 1_000
+STORM_KEY = "storm-key"  # the API key of the daemon that gets the 429s
+
+
+def fleet_configs(tmp_path: Path, database_url: str, provider_url: str, redis_url: str,
+                  keys: list[str] | None = None) -> list[Path]:
+    """Three daemons' configs (own control sockets and HTTP ports), account `main` at 2,000
+    msgs/s; `keys`: each daemon's API key."""
+    configs = []
+    for n in range(3):
+        folder = tmp_path / f"daemon{n}"
+        folder.mkdir()
+        account = {"msgs_per_s": ACCOUNT_RATE, "max_batch": 200,
+                   **({"api_key": keys[n]} if keys else {})}
+        configs.append(write_config(folder / "sendd.toml", database_url, provider_url,
+                                    accounts={"main": account}, redis_url=redis_url,
+                                    pipeline={"lease_seconds": 10.0}))
+    return configs
+
+
+def start_fleet(stack: ExitStack, configs: list[Path]) -> list[Daemon]:
+    return [stack.enter_context(Daemon(c, c.parent / "daemon.log").wait_ready())
+            for c in configs]
+
+
+def acceptances(fake: FakeProvider, url: str, campaigns: list[int]) -> list[float]:
+    """When the fake accepted each message of the campaigns (Unix time), in order."""
+    refs = [r["id"] for r in query(url, "SELECT id::text AS id FROM sendd.message "
+                                        "WHERE campaign_id = ANY($1::bigint[])", campaigns)]
+    return sorted(t for t in fake.accepted_at(refs).values() if t is not None)
+
+
+def limits_mode(config: Path) -> str:
+    return sendd_json(config, "ctl", "status", "--json")["redis"]["mode"]
+
+
+def no_duplicates(fake: FakeProvider) -> None:
+    stats = fake.stats()
+    assert stats["duplicate_references"] == 0 and stats["duplicate_sends"] == 0, stats
+
+
+@pytest.mark.serial  # rates against the wall clock: not beside another test
+def test_three_daemons_keep_an_account_and_a_tenant_limit_together(
+        tmp_path: Path, database_url: str, fake_provider: FakeProvider,
+        redis_server: PrivateRedis) -> None:
+    """Account 2,000 msgs/s, tenant `limited` 1,000 msgs/s, both with backlog: at the provider
+    no 1-second window holds more than either limit, and the account runs at >= 0.9 of its
+    limit while the backlog lasts. (Each daemon alone: up to 6,000 and 3,000.)"""
+    redis.Redis.from_url(redis_server.url).flushall()
+    configs = fleet_configs(tmp_path, database_url, fake_provider.url, redis_server.url)
+    ids = queue_campaigns(database_url, {"limited": TENANT_RATE, "open": 0},
+                          [("limited", 7_000, "main", "LIMITED"), ("open", 7_000, "main", "OPEN")])
+    with ExitStack() as stack:
+        daemons = start_fleet(stack, configs)
+        for campaign_id in ids:
+            wait_campaign(database_url, campaign_id, "completed", 60)
+    stats = fake_provider.stats()
+    assert stats["max_msgs_per_1s"][API_KEY] <= ACCOUNT_RATE, stats["max_msgs_per_1s"]
+    assert stats["max_msgs_per_1s_by_sender"]["LIMITED"] <= TENANT_RATE, stats
+    rate = accepted_rate(acceptances(fake_provider, database_url, ids))
+    assert rate >= 0.9 * ACCOUNT_RATE, f"{rate:.0f} msgs/s"
+    assert all(d.events("batch_sent") for d in daemons)  # a fleet: every daemon sent
+    no_duplicates(fake_provider)
+
+
+@pytest.mark.serial  # rates and a 20 s outage against the wall clock
+def test_redis_away_for_20s_then_back_empty_keeps_the_limit(
+        tmp_path: Path, database_url: str, fake_provider: FakeProvider) -> None:
+    """Redis stops for 20 s mid-campaign and comes back empty: the daemons fall back to a
+    third of each limit (status says so), keep sending, rejoin (status says so), and no
+    1-second window at the provider ever holds more than the limits."""
+    server = PrivateRedis(base_dir=tmp_path).start()
+    try:
+        configs = fleet_configs(tmp_path, database_url, fake_provider.url, server.url)
+        ids = queue_campaigns(database_url, {"limited": TENANT_RATE, "open": 0},
+                              [("limited", 30_000, "main", "LIMITED"),
+                               ("open", 30_000, "main", "OPEN")])
+        with ExitStack() as stack:
+            start_fleet(stack, configs)
+            wait_until(lambda: len(acceptances(fake_provider, database_url, ids)) > 2_000, 20,
+                       "the fleet to send")
+            server.stop_process()
+            stopped = time.time()
+            wait_until(lambda: all(limits_mode(c) == "fallback" for c in configs), 10,
+                       "every daemon to fall back")
+            time.sleep(max(0.0, stopped + 20 - time.time()))
+            server.start_process()
+            restarted = time.time()
+            wait_until(lambda: all(limits_mode(c) == "shared" for c in configs), 10,
+                       "every daemon to share again")
+            wait_until(lambda: len(acceptances(fake_provider, database_url, ids)) > 0 and
+                       max(acceptances(fake_provider, database_url, ids)) > restarted + 3, 20,
+                       "sending after Redis came back")
+        stats = fake_provider.stats()
+    finally:
+        server.stop()
+    assert stats["max_msgs_per_1s"][API_KEY] <= ACCOUNT_RATE, stats["max_msgs_per_1s"]
+    assert stats["max_msgs_per_1s_by_sender"]["LIMITED"] <= TENANT_RATE, stats
+    times = acceptances(fake_provider, database_url, ids)
+    during = sum(1 for t in times if stopped + 2 < t < restarted)
+    # A third of the limit each, after a window without sending: about 2,000 x 17 s in all.
+    assert during >= 0.6 * ACCOUNT_RATE * (restarted - stopped - 2), during
+    no_duplicates(fake_provider)
+
+
+@pytest.mark.serial  # rates against the wall clock
+def test_a_429_storm_on_one_daemon_slows_all_three(
+        tmp_path: Path, database_url: str, fake_provider: FakeProvider,
+        redis_server: PrivateRedis) -> None:
+    """Only daemon 0's requests get 429s (Retry-After 2 s): daemons 1 and 2 slow down too,
+    since the backoff is the fleet's; alone, they would go on at full speed."""
+    redis.Redis.from_url(redis_server.url).flushall()
+    fake_provider.control(api_keys=[API_KEY, STORM_KEY], retry_after=2)
+    configs = fleet_configs(tmp_path, database_url, fake_provider.url, redis_server.url,
+                            keys=[STORM_KEY, API_KEY, API_KEY])
+    ids = queue_campaigns(database_url, {"open": 0}, [("open", 60_000, "main", "OPEN")])
+    with ExitStack() as stack:
+        daemons = start_fleet(stack, configs)
+        wait_until(lambda: len(acceptances(fake_provider, database_url, ids)) > 4_000, 20,
+                   "the fleet to send")
+        calm_start = time.time()
+        time.sleep(2)
+        fake_provider.control(error_429_rate=1.0, error_429_key=STORM_KEY)
+        storm_start = time.time()
+        time.sleep(4)
+        storm_end = time.time()
+        fake_provider.control(error_429_rate=0.0)
+        others = [(e["sent_at"], e["size"]) for d in daemons[1:] for e in d.events("batch_sent")]
+    calm = sum(n for t, n in others if calm_start <= t < storm_start) / (storm_start - calm_start)
+    stormy = sum(n for t, n in others if storm_start + 0.5 <= t < storm_end) / (
+        storm_end - storm_start - 0.5)
+    assert calm > 0.5 * ACCOUNT_RATE, calm  # they were sending
+    assert stormy < 0.5 * calm, (calm, stormy)  # and slowed with daemon 0's 429s
+    assert fake_provider.stats()["responses"].get("429", 0) > 0
+    no_duplicates(fake_provider)
+
+
+def accepted_rate(times: list[float]) -> float:
+    """Messages per second from the first acceptance to the last."""
+    return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
