@@ -56,11 +56,11 @@ class Sender:
     metrics: Metrics
 
     async def send_batch(self, batch: Batch, waited: float | None = None,
-                         granted: float = 0.0) -> Sent:
+                         granted: float = 0.0, fleet_stamp: str = "") -> Sent:
         """One batch through breaker, governor, mark (unless it has one) and provider; a 413
         splits it and sends the halves. A batch from the scheduler holds its grant for the
-        time `granted` (now, or a moment ahead: it is marked meanwhile) after `waited` seconds
-        there; None: wait for a grant here.
+        time `granted` (now, or a moment ahead: it is marked meanwhile; `fleet_stamp`: its
+        grant in the fleet's limits) after `waited` seconds there; None: wait for a grant here.
 
         The mark comes after the governor's wait, so that a batch waiting for its rate is still
         only claimed (a cancel or pause takes it back, and a crash puts it back untouched); the
@@ -87,7 +87,7 @@ class Sender:
             return [*results, released(batch)]  # the writer puts back only what is still ours
         with self.health.working("sender"):
             await self.lease.wait_until_covers(settings.timeout + LEASE_MARGIN)
-        regrant = await self._regrant(batch, granted)
+        regrant = await self._regrant(batch, granted, fleet_stamp)
         if regrant is None:
             return [*results, released(batch)]  # a 429 came in: it waits unmarked, queued
         return [*results, *await self._request(batch, ticket, waited + regrant)]
@@ -102,26 +102,28 @@ class Sender:
             waited += wait
         return waited
 
-    async def _fleet_wait(self, batch: Batch, lead: float) -> float:
-        """Reserve the batch in the fleet's limits (sendd.shared.limits) `lead` seconds ahead:
-        0 when granted (or no fleet), else how long to wait before asking again."""
+    async def _fleet_wait(self, batch: Batch, lead: float, replace: str = "") -> float:
+        """Reserve the batch in the fleet's limits (sendd.shared.limits) `lead` seconds ahead,
+        in place of its missed grant `replace`: 0 when granted (or no fleet), else how long to
+        wait before asking again."""
         fleet = self.accounts.fleet
         if fleet is None or not fleet.shared:
             return 0.0
         verdict = await fleet.reserve(
             batch.account, batch.tenant_id,
             self.accounts.governor.configured(batch.account, batch.tenant_id),
-            len(batch.messages), self._requests(batch), lead)
+            len(batch.messages), self._requests(batch), lead, replace)
         return 0.0 if verdict.granted else max(verdict.wait, 0.001)
 
     def _requests(self, batch: Batch) -> int:
         """Requests the batch takes: one, or one per message for a single-message account."""
         return len(batch.messages) if self.controls.account(batch.account).single else 1
 
-    async def _regrant(self, batch: Batch, granted: float) -> float | None:
+    async def _regrant(self, batch: Batch, granted: float, fleet_stamp: str) -> float | None:
         """Seconds waited for the grant: until its time when the batch was marked ahead of it,
-        or for a new one when the mark made it late for its own; None when that would take
-        longer than REGRANT_WAIT (a 429's Retry-After came in)."""
+        or for a new one when the mark made it late for its own (in the fleet's limits too,
+        replacing the grant missed); None when that would take longer than REGRANT_WAIT (a
+        429's Retry-After came in)."""
         now = trio.current_time()
         if now - granted <= GRANT_SLACK:
             await trio.sleep_until(granted)
@@ -131,7 +133,7 @@ class Sender:
             requests=self._requests(batch)) - trio.current_time()
         waited = 0.0
         while waited + wait <= REGRANT_WAIT:
-            fleet_wait = await self._fleet_wait(batch, max(0.0, wait))
+            fleet_wait = await self._fleet_wait(batch, max(0.0, wait), fleet_stamp)
             if not fleet_wait:
                 await trio.sleep(max(0.0, wait))
                 return waited + max(0.0, wait)
@@ -328,7 +330,8 @@ async def run_scheduled_sender(
                 await results.send(released(taken.batch))
                 continue
             try:
-                sent = await sender.send_batch(taken.batch, taken.waited, taken.granted)
+                sent = await sender.send_batch(taken.batch, taken.waited, taken.granted,
+                                               taken.fleet_stamp)
             finally:
                 scheduler.done(taken.batch.account)
             await hand_on(sent, results, unsettled)

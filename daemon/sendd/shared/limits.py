@@ -31,8 +31,10 @@ from sendd.state.lease import Lease
 
 log = structlog.get_logger()
 
-# A reservation slower than this counts as Redis trouble (it is one round trip, ~0.2 ms).
-REDIS_TIMEOUT = 0.25
+# A reservation slower than this counts as Redis trouble. It is one round trip (~0.2 ms), but
+# on a saturated machine the event loop alone can take a few hundred milliseconds to get to the
+# answer: 0.25 s made a daemon of a busy bench fall back with Redis there.
+REDIS_TIMEOUT = 1.0
 PROBE_EVERY = 0.5  # seconds between pings while Redis is away
 # After Redis was away or lost its data: the grants made meanwhile leave the window, and every
 # daemon notices Redis is back (a ping, its timeout) before anything is granted again.
@@ -57,7 +59,13 @@ class Verdict:
     granted: bool
     wait: float  # seconds until a retry may succeed (refused), or until the grant (granted)
     reason: str  # granted, rate, backoff, hold, fallback, local
-    at: float = 0.0  # the grant's time, Redis's clock (Unix seconds); 0: refused or local
+    # The grant's time as Redis stored it (Unix seconds, its clock): to replace it when the
+    # batch misses it. "": refused, or decided locally.
+    stamp: str = ""
+
+    @property
+    def at(self) -> float:
+        return float(self.stamp) if self.stamp else 0.0
 
 
 @dataclass
@@ -81,27 +89,30 @@ class FleetLimits:
         return self.lease.live_daemons
 
     async def reserve(self, account: str, tenant: str, limits: tuple[int, int, int],
-                      units: int, requests: int, lead: float = 0.0) -> Verdict:
+                      units: int, requests: int, lead: float = 0.0,
+                      replace: str = "") -> Verdict:
         """Reserve `units` messages in `requests` requests `lead` seconds from now against the
         account's (messages/s, requests/s) and the tenant's messages/s `limits` (configured;
-        0: unlimited). In fallback the local governor's share has decided already."""
+        0: unlimited), dropping first the grant stamped `replace` (one this batch missed). In
+        fallback the local governor's share has decided already."""
         if not self.shared:
             return Verdict(True, 0.0, "local")
         msgs, reqs, tenant_msgs = limits
         keys = [_fleet_key(), _account_key(account),
                 *_log_keys(f"account:{account}:msgs"), *_log_keys(f"account:{account}:reqs"),
                 *_log_keys(f"tenant:{tenant}:msgs")]
-        args = [GUARD_WINDOW, max(0.0, lead), HOLD, msgs, reqs, tenant_msgs, units, requests]
+        args = [GUARD_WINDOW, max(0.0, lead), HOLD, msgs, reqs, tenant_msgs, units, requests,
+                replace]
         reply = await self._call(scripts.RESERVE, keys, args)
         if reply is None:
             return Verdict(False, HOLD, "fallback")
-        granted, wait_us, reason, effective_msgs, effective_reqs, at_us = reply
-        reason = reason.decode() if isinstance(reason, bytes) else str(reason)
+        granted, wait_us, reason, effective_msgs, effective_reqs, stamp = reply
+        reason, stamp = _text(reason), _text(stamp)
         wait = int(wait_us) / 1e6
         self.governor.follow(account, int(effective_msgs), int(effective_reqs))
         if reason == "backoff":
             self.governor.defer(account, wait)
-        return Verdict(bool(int(granted)), wait, reason, int(at_us) / 1e6)
+        return Verdict(bool(int(granted)), wait, reason, stamp)
 
     async def penalize(self, account: str, msgs: int, reqs: int,
                        retry_after: float | None) -> None:
@@ -168,6 +179,10 @@ async def run_redis_watch(fleet: FleetLimits,
         await trio.sleep(PROBE_EVERY)
         if not fleet.shared and not await fleet.rejoin():
             fleet.governor.set_share(fleet.fleet_size)  # daemons may have come or gone
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _fleet_key() -> str:

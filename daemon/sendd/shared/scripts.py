@@ -23,9 +23,10 @@ from __future__ import annotations
 #       the account's messages (3, 4), its requests (5, 6) and the tenant's messages (7, 8).
 # ARGV: 1 window s, 2 lead s (the grant's time after now), 3 hold s (on a fresh Redis),
 #       4 account msgs/s, 5 account reqs/s, 6 tenant msgs/s (0: unlimited), 7 units,
-#       8 requests.
-# Returns {granted 0/1, wait µs, reason, effective msgs/s, effective reqs/s, grant time µs
-# (Redis's clock; 0 when refused)}.
+#       8 requests, 9 the time of an earlier grant of these units to drop first ("": none; a
+#       batch that missed its grant and was not sent).
+# Returns {granted 0/1, wait µs, reason, effective msgs/s, effective reqs/s, the grant's time
+# (Redis's clock, as stored; "" when refused)}.
 RESERVE = """
 local window = tonumber(ARGV[1])
 local lead = tonumber(ARGV[2])
@@ -40,7 +41,7 @@ end
 local msgs = effective(tonumber(ARGV[4]), 'msgs')
 local reqs = effective(tonumber(ARGV[5]), 'reqs')
 local function refuse(wait, reason)
-  return {0, math.ceil(wait * 1e6), reason, msgs, reqs, 0}
+  return {0, math.ceil(wait * 1e6), reason, msgs, reqs, ''}
 end
 
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -64,10 +65,13 @@ local function parse(entry)
   return tonumber(string.sub(entry, 1, sep - 1)), tonumber(string.sub(entry, sep + 1))
 end
 
--- Forget what left the window before now; the grants still in it, oldest first.
+-- Forget what left the window before now (and the grant replaced); the rest, oldest first.
 local at = now + lead
 local kept = {}
 for i, log in ipairs(logs) do
+  if ARGV[9] ~= '' and redis.call('LREM', log[1], 1, ARGV[9] .. ':' .. log[4]) == 1 then
+    redis.call('DECRBY', log[2], log[4])
+  end
   local entries = redis.call('LRANGE', log[1], 0, -1)
   local total = tonumber(redis.call('GET', log[2]) or '0')
   local first = 1
@@ -117,13 +121,14 @@ end
 if earliest > at then return refuse(earliest - at, 'rate') end
 
 local ttl = math.ceil(window * 2000) + 1000
+local stamp = string.format('%.6f', at)
 for _, log in ipairs(logs) do
-  redis.call('RPUSH', log[1], string.format('%.6f:%d', at, log[4]))
+  redis.call('RPUSH', log[1], stamp .. ':' .. log[4])
   redis.call('INCRBY', log[2], log[4])
   redis.call('PEXPIRE', log[1], ttl)
   redis.call('PEXPIRE', log[2], ttl)
 end
-return {1, math.ceil((at - now) * 1e6), 'granted', msgs, reqs, math.floor(at * 1e6)}
+return {1, math.ceil((at - now) * 1e6), 'granted', msgs, reqs, stamp}
 """
 
 # A 429: halve the account's effective limits for the fleet (never below 1) and keep a

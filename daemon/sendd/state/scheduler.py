@@ -58,6 +58,7 @@ class Taken:
     release: str | None
     waited: float
     granted: float = 0.0
+    fleet_stamp: str = ""  # its grant in the fleet's limits, to replace if it is missed
 
 
 @dataclass(frozen=True)
@@ -133,10 +134,15 @@ class Scheduler:
         while True:
             now = trio.current_time()
             key, wake_at = self._choose(now)
-            if key is not None and await self._fleet_grants(key, now):
-                return self._pop(key, trio.current_time())
             if key is not None:
-                continue
+                fleet = await self._fleet_grant(key, now)
+                if fleet is None:
+                    continue  # refused: the key is held
+                taken = self._pop(key, trio.current_time())
+                stamp, at = fleet
+                if stamp and taken.release is None:
+                    taken.granted, taken.fleet_stamp = max(taken.granted, at), stamp
+                return taken
             if self.closed and not self.queues:
                 return None
             self._taking += 1
@@ -250,28 +256,33 @@ class Scheduler:
             self._make_space()
         return best, wake_at
 
-    async def _fleet_grants(self, key: Key, now: float) -> bool:
-        """With limits shared by a fleet: reserve the key's first batch there (its grant time
-        the local one's, MARK_LEAD at most ahead); a refusal holds the key as long as it says.
-        Other takers skip the key meanwhile, so the batch asked about is the one taken."""
+    async def _fleet_grant(self, key: Key, now: float) -> tuple[str, float] | None:
+        """With limits shared by a fleet: reserve the key's first batch there; its stamp and
+        when the grant falls here ("", 0: no fleet), or None when refused (the key is then held
+        as long as the refusal says). Other takers skip the key meanwhile, so the batch asked
+        about is the one taken.
+
+        A limited batch's grant is placed MARK_LEAD ahead, the time its mark takes: a request
+        that leaves later than its grant must be granted again (sendd.actors.sender)."""
         fleet = self.accounts.fleet
         batch = self.queues[key][0].batch
         if fleet is None or not fleet.shared or self._to_release(batch):
-            return True
+            return "", 0.0
         account, tenant = key
-        lead = max(0.0, self._earliest(batch, now) - now)
+        limits = self.accounts.governor.configured(account, tenant)
+        lead = max(self._earliest(batch, now) - now, MARK_LEAD if any(limits) else 0.0)
         self._reserving.add(key)
         try:
-            verdict = await fleet.reserve(
-                account, tenant, self.accounts.governor.configured(account, tenant),
-                len(batch.messages), self._requests(batch), lead)
+            verdict = await fleet.reserve(account, tenant, limits, len(batch.messages),
+                                          self._requests(batch), lead)
         finally:
             self._reserving.discard(key)
             self._wake()
         if not verdict.granted:
-            self._held[key] = (trio.current_time() + verdict.wait, _HELD_FOR.get(
-                verdict.reason, RATE))
-        return verdict.granted
+            self._held[key] = (trio.current_time() + verdict.wait,
+                               _HELD_FOR.get(verdict.reason, RATE))
+            return None
+        return verdict.stamp, trio.current_time() + verdict.wait
 
     def _pop(self, key: Key, now: float) -> Taken:
         queue = self.queues[key]
