@@ -7,11 +7,15 @@
         --reject 0.01 --tenants 2 --campaigns 3
     .venv/bin/python load/bench.py --messages 300000 --slow-tenant 50    # beside a slow tenant
     .venv/bin/python load/bench.py --messages 300000 --small-campaigns 1000  # 1,000 small ones
+    .venv/bin/python load/bench.py --daemons 3 --redis --account-rate 20000 --slow-tenant 500 \\
+        --compare-single          # fleet-wide limits through Redis, beside one daemon's run
 
 Everything runs in a private temp dir and is stopped at the end, whatever happens (Ctrl-C
 too): a durable private PostgreSQL (sendd.dev.pgserver), the fake provider
-(`python -m sendd.dev.fakeprovider`) and K daemons (`python -m sendd run`, each with its own
-config, HTTP port and control socket). The steps:
+(`python -m sendd.dev.fakeprovider`), with --redis a private redis-server
+(sendd.dev.pgserver.PrivateRedis, no persistence) named in every daemon's `[redis] url` so that
+they share the account's and the tenants' limits, and K daemons (`python -m sendd run`, each
+with its own config, HTTP port and control socket). The steps:
 
 1. migrate and create the tenants with `sendd` itself, create the campaigns with an INSERT and
    generate the messages inside PostgreSQL (load/dataset.py; `sendd enqueue` validates every
@@ -32,6 +36,13 @@ config, HTTP port and control socket). The steps:
    their mean (this VM's speed drifts by tens of percent within minutes: the two tell);
 6. write DIR/report.json (everything, with the time series), DIR/report.md (the summary, also
    printed) and DIR/chart.png (throughput, backlog, channel fill over time; load/report.py).
+   Both give the provider's peak messages and requests in any 1 s per API key and per sender
+   beside the limits (--account-rate, --slow-tenant): with --redis each limit is the fleet's,
+   without it each daemon keeps its own copy, so K daemons may send up to K times it.
+
+--compare-single runs the whole scenario twice, back to back: with one daemon first (into
+DIR/single-daemon, its own database, the same dataset and options), then with the K daemons;
+DIR/report.md sets their throughput and peaks side by side.
 
 Exit status: 0 when every message was done with 0 duplicates and 0 lost (and the other checks
 held), 1 otherwise (the reasons are printed), 2 for bad arguments, 130 when interrupted.
@@ -67,12 +78,18 @@ import ceiling  # noqa: E402 -- these need the path set-up above
 import cpu  # noqa: E402
 import dataset  # noqa: E402
 import report  # noqa: E402
-from harness import Daemon, FakeProvider, setup_database, write_config  # noqa: E402
+from harness import API_KEY, Daemon, FakeProvider, setup_database, write_config  # noqa: E402
 from harness import sendd as sendd_command  # noqa: E402
 from sendd.commands.tenants import set_tenant  # noqa: E402
 from sendd.config import PipelineConfig, RetryConfig  # noqa: E402
 from sendd.dev import interrupts  # noqa: E402
-from sendd.dev.pgserver import PrivatePostgres, ServerError, free_port, log_tail  # noqa: E402
+from sendd.dev.pgserver import (  # noqa: E402
+    PrivatePostgres,
+    PrivateRedis,
+    ServerError,
+    free_port,
+    log_tail,
+)
 
 SAMPLE_INTERVAL = 0.5  # seconds between samples of the time series
 PROGRESS_EVERY = 3.0  # seconds between progress lines
@@ -93,6 +110,7 @@ SLOW_TENANT = "slow"
 SLOW_SENDER = "slow"  # its messages' sender: the fake provider counts peaks per sender
 SLOW_DEFAULT_SECONDS = 20  # --slow-messages defaults to this many seconds of its rate
 SMALL_DEFAULT_SIZE = 100
+SINGLE_DIR = "single-daemon"  # --compare-single: the one-daemon run's report, inside --out
 TRANSACTIONAL_NOTE = ("from the insert (created_at, the database's clock) to the arrival of the "
                       "request at the provider, which accepts on arrival (the fake's "
                       "/_accepted_at; same machine, same clock)")
@@ -255,7 +273,8 @@ def _mix_options(group: Any) -> None:
                             "main one starts (from its first message done, "
                             f"{SLOW_LEAD_S:g} s later); the figures count from the main "
                             "campaign's start. Reports the slow tenant's peak in any 1 s at "
-                            "the provider (at most RATE per daemon: limits are per daemon), "
+                            "the provider (at most RATE per daemon without --redis; with "
+                            "--redis, RATE for the fleet), "
                             "what it sent while the main campaign ran and how many of its "
                             "messages were still unsent when the main one finished; the run "
                             "then waits for it to finish")
@@ -311,6 +330,13 @@ def _daemon_options(group: Any) -> None:
                        default=PIPELINE_DEFAULTS["claim_chunk"],
                        help="pipeline.claim_chunk, also the ceiling's claim size (default: "
                             f"the daemon's, {PIPELINE_DEFAULTS['claim_chunk']})")
+    group.add_argument("--account-rate", metavar="N", type=_int_in(0, 1_000_000), default=0,
+                       help="the account's msgs_per_s: at most N per daemon without --redis; "
+                            "with --redis, N for the fleet (default 0: unlimited)")
+    group.add_argument("--redis", action="store_true",
+                       help="start a private redis-server for the run and give every daemon "
+                            "its [redis] url: the daemons share the account's and the tenants' "
+                            "limits (without it each daemon enforces its own copy)")
 
 
 def _report_options(group: Any) -> None:
@@ -323,6 +349,10 @@ def _report_options(group: Any) -> None:
     group.add_argument("--statements", action="store_true",
                        help="load pg_stat_statements and list the statements that took the "
                             "most PostgreSQL time during the run (for profiling)")
+    group.add_argument("--compare-single", action="store_true",
+                       help="with --daemons K (2 or more): run the same scenario with one "
+                            f"daemon first (report in DIR/{SINGLE_DIR}), then with K, and "
+                            "report both side by side; twice the time")
     group.add_argument("--keep-dir", action="store_true",
                        help="keep the work dir (daemon configs and logs) for debugging; "
                             "PostgreSQL's own directory is removed either way")
@@ -334,6 +364,8 @@ def _check_combinations(parser: argparse.ArgumentParser, args: argparse.Namespac
                      f"({args.tenants}), so that every tenant has a campaign")
     if args.campaigns > args.messages:
         parser.error(f"--campaigns ({args.campaigns}) must not exceed --messages")
+    if args.compare_single and args.daemons < 2:
+        parser.error("--compare-single needs --daemons 2 or more")
     if args.ceiling_messages is None:
         args.ceiling_messages = min(args.messages, 200_000)
     if args.out is None:
@@ -379,7 +411,8 @@ def scenario_of(args: argparse.Namespace) -> dict[str, Any]:
             "claim_chunk": args.claim_chunk, "ceiling_messages": args.ceiling_messages,
             "slow_tenant": args.slow_tenant, "slow_messages": slow_messages(args),
             "small_campaigns": args.small_campaigns,
-            "small_size": args.small_size if args.small_campaigns else 0}
+            "small_size": args.small_size if args.small_campaigns else 0,
+            "account_rate": args.account_rate, "redis": args.redis}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -391,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         with interrupts.stop_signals_interrupt():
-            figures = run_bench(args)
+            figures = run_compared(args) if args.compare_single else run_bench(args)
     except KeyboardInterrupt:
         print("bench: interrupted; everything it started is stopped", file=sys.stderr)
         return 130
@@ -424,6 +457,7 @@ class Fleet:
     logs: list[Path]
     ready_s: list[float | None]
     peak_rss_kb: list[int]
+    redis: bool = False  # the daemons share their limits through Redis: watch their state
 
     def alive_or_fail(self) -> None:
         for i, daemon in enumerate(self.daemons):
@@ -431,6 +465,24 @@ class Fleet:
             if code is not None:
                 raise BenchFailed(f"daemon {i + 1} exited early (code {code}): "
                                   f"{log_tail(self.logs[i])}")
+
+
+def run_compared(args: argparse.Namespace) -> dict[str, Any]:
+    """--compare-single: the scenario with one daemon (into DIR/single-daemon), then with the
+    K daemons; the K daemons' report, with both runs side by side in its "compare", and the
+    one-daemon run's problems among its own."""
+    single_args = argparse.Namespace(**{**vars(args), "daemons": 1, "compare_single": False,
+                                        "out": args.out / SINGLE_DIR})
+    single_args.out.mkdir(parents=True, exist_ok=True)
+    say(f"--compare-single: the scenario with 1 daemon first (report in {single_args.out})")
+    single = run_bench(single_args)
+    say(f"--compare-single: now with {args.daemons} daemons")
+    figures = run_bench(args)
+    figures["compare"] = report.compare(single, figures, SINGLE_DIR)
+    figures["problems"] += [f"the one-daemon run: {p}" for p in single["problems"]]
+    figures["ok"] = not figures["problems"]
+    _write_report(figures, args, chart=False)  # the chart is the K daemons' run's, as written
+    return figures
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -450,7 +502,8 @@ def _run(stack: ExitStack, args: argparse.Namespace) -> dict[str, Any]:
                                              extra_settings=settings))
     say(f"PostgreSQL (durable) on port {pg.port}, work dir {workdir}")
     fake = stack.enter_context(_provider(args))
-    configs, ports = _write_configs(workdir, pg.url, fake.url, args)
+    redis_url = _redis(stack, workdir) if args.redis else ""
+    configs, ports = _write_configs(workdir, pg.url, fake.url, args, redis_url)
     tenants = dataset.tenant_names(args.tenants)
     _setup(configs[0], tenants, args)
     groups, load = _run_async(_load(pg.url, args, tenants))
@@ -458,7 +511,7 @@ def _run(stack: ExitStack, args: argparse.Namespace) -> dict[str, Any]:
     if args.statements:
         _run_async(_statements(pg.url, STATEMENTS_RESET))
     before = _run_async(stats_snapshot(pg.url))
-    fleet, t0 = _start_fleet(stack, configs, ports)
+    fleet, t0 = _start_fleet(stack, configs, ports, args.redis)
     meter = _cpu_meter(pg, fleet, fake)
     watched = _run_async(_watch(pg.url, fleet, groups, args, tenants[0], t0, meter))
     _stop_fleet(fleet)
@@ -500,6 +553,13 @@ def _workdir(stack: ExitStack, keep: bool) -> Path:
     return workdir
 
 
+def _redis(stack: ExitStack, workdir: Path) -> str:
+    """--redis: a private redis-server for the run (stopped after the daemons); its URL."""
+    redis = stack.enter_context(PrivateRedis(base_dir=workdir))
+    say(f"Redis on port {redis.port}: every daemon's [redis] url")
+    return redis.url
+
+
 def _provider(args: argparse.Namespace) -> FakeProvider:
     flags = ["--latency-ms", str(args.latency_ms), "--jitter-ms", str(args.jitter_ms),
              "--error-429-rate", str(args.error_429), "--error-503-rate", str(args.error_503),
@@ -519,11 +579,14 @@ def daemon_settings(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         retry |= FAST_RETRY
     account = {"max_batch": args.batch_size, "single": args.single,
                "timeout": ACCOUNT_TIMEOUT}
+    if args.account_rate:
+        account["msgs_per_s"] = args.account_rate
     return {"pipeline": pipeline, "retry": retry, "account": account}
 
 
 def _write_configs(workdir: Path, database_url: str, provider_url: str,
-                   args: argparse.Namespace) -> tuple[list[Path], list[int]]:
+                   args: argparse.Namespace,
+                   redis_url: str = "") -> tuple[list[Path], list[int]]:
     settings = daemon_settings(args)
     configs, ports = [], []
     for number in range(1, args.daemons + 1):
@@ -536,7 +599,7 @@ def _write_configs(workdir: Path, database_url: str, provider_url: str,
         configs.append(write_config(home / "sendd.toml", database_url, provider_url,
                                     accounts={dataset.ACCOUNT: settings["account"]},
                                     pipeline=settings["pipeline"], retry=settings["retry"],
-                                    daemon=daemon))
+                                    daemon=daemon, redis_url=redis_url))
         ports.append(port)
     return configs, ports
 
@@ -554,10 +617,10 @@ def _setup(config: Path, tenants: list[str], args: argparse.Namespace) -> None:
         raise BenchFailed(str(error).splitlines()[0]) from None
 
 
-def _start_fleet(stack: ExitStack, configs: list[Path],
-                 ports: list[int]) -> tuple[Fleet, float]:
+def _start_fleet(stack: ExitStack, configs: list[Path], ports: list[int],
+                 redis: bool = False) -> tuple[Fleet, float]:
     logs = [config.parent / "daemon.log" for config in configs]
-    fleet = Fleet([], ports, logs, [None] * len(configs), [0] * len(configs))
+    fleet = Fleet([], ports, logs, [None] * len(configs), [0] * len(configs), redis)
     t0 = time.time()
     for config, log in zip(configs, logs, strict=True):
         daemon = Daemon(config, log)
@@ -580,11 +643,22 @@ def _cpu_meter(pg: PrivatePostgres, fleet: Fleet, fake: FakeProvider) -> cpu.Cpu
         return {"postgres_backends": backends,
                 "postgres_other": [pid for pid in server if pid not in backends],
                 "daemons": [d.process.pid for d in fleet.daemons],
-                "fake_provider": [fake.process.pid], "harness": [os.getpid()]}
+                "fake_provider": [fake.process.pid], "harness": [os.getpid()],
+                **({"redis": redis} if redis else {})}
+
+    # --redis: the redis-server, a child of this process (PrivateRedis started it).
+    redis = [pid for pid in cpu.descendants(os.getpid()) if _comm(pid) == "redis-server"]
 
     meter = cpu.CpuMeter(groups)
     meter.start()
     return meter
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _check_is_python(pid: int) -> None:
@@ -909,8 +983,11 @@ async def _sample(conn: CountingConnection, http: httpx.AsyncClient, fleet: Flee
 
 async def _daemon_state(http: httpx.AsyncClient, fleet: Fleet, i: int) -> dict[str, Any]:
     metrics = await _get(http, f"http://127.0.0.1:{fleet.ports[i]}/metrics")
-    return {"rss_kb": proc_status_kb(fleet.daemons[i].process.pid, "VmRSS"),
-            "channels": report.parse_channels(metrics or "")}
+    state = {"rss_kb": proc_status_kb(fleet.daemons[i].process.pid, "VmRSS"),
+             "channels": report.parse_channels(metrics or "")}
+    if fleet.redis:
+        state["redis"] = report.parse_redis(metrics or "")
+    return state
 
 
 async def _watch_readiness(http: httpx.AsyncClient, fleet: Fleet, t0: float,
@@ -1158,7 +1235,9 @@ def figures_of(args: argparse.Namespace, r: Results) -> dict[str, Any]:
     mix = mix_of(args, r.groups, r.watched, outcome.pop("slow_progress"), outcome["campaigns"],
                  r.provider)
     exit_codes = [d.process.returncode for d in r.fleet.daemons]
-    problems = report.problems_of(outcome, exit_codes) + report.mix_problems(mix)
+    limits = limits_of(args, r.provider, series)
+    problems = (report.problems_of(outcome, exit_codes) + report.mix_problems(mix)
+                + report.limit_problems(limits))
     best = (r.ceiling or {}).get("msgs_per_s")
     # The database's work covers the slow tenant's messages too; the CPU meter (with a slow
     # tenant, from the main campaigns' start to their end) those it did meanwhile.
@@ -1188,11 +1267,25 @@ def figures_of(args: argparse.Namespace, r: Results) -> dict[str, Any]:
         "db_stats": {"before": r.before, "after": r.after},
         "statements": report.statement_costs(r.statements, r.watched.total),
         "cpu": report.cpu_split(r.cpu, processed + slow.get("done_during_main", 0)),
-        "mix": mix, "outcome": outcome, "provider": r.provider,
+        "mix": mix, "limits": limits, "outcome": outcome, "provider": r.provider,
         "ceiling": r.ceiling, "ratio": report.ratio(sustained["msgs_per_s"], best),
         "ok": not problems, "problems": problems,
         "series": series,
     }
+
+
+def limits_of(args: argparse.Namespace, provider: dict[str, Any],
+              series: list[dict[str, Any]]) -> dict[str, Any]:
+    """report.json's "limits": the provider's peaks per API key and per sender beside the
+    limits the daemons were given, and whether they shared them through Redis."""
+    return report.limits_of(
+        provider, daemons=args.daemons, redis=args.redis,
+        keys={API_KEY: {"account": dataset.ACCOUNT, "msgs_per_s": args.account_rate or None,
+                        "reqs_per_s": None}},
+        senders={SLOW_SENDER: {"owner": f"tenant {SLOW_TENANT}", "msgs_per_s": args.slow_tenant},
+                 dataset.SENDER: {"owner": "the main campaign; transactional, small campaigns",
+                                  "msgs_per_s": None}},
+        redis_state=report.redis_state(series) if args.redis else None)
 
 
 DAEMON_START = "the daemons' start"
@@ -1223,7 +1316,8 @@ def mix_of(args: argparse.Namespace, groups: Groups, watched: Watched,
         mix["slow"] = {"tenant": SLOW_TENANT, "sender": SLOW_SENDER, "lead_s": SLOW_LEAD_S,
                        **report.slow_tenant_figures(args.slow_tenant, args.daemons,
                                                     slow_progress, peaks.get(SLOW_SENDER),
-                                                    main_s, slow_end)}
+                                                    main_s, slow_end, shared=args.redis),
+                       "shared": args.redis}
     if groups.small is not None:
         times = report.finish_times([finished.get(i) for i in groups.small.ids],
                                     watched.origin, before=main_s)
@@ -1234,13 +1328,18 @@ def mix_of(args: argparse.Namespace, groups: Groups, watched: Watched,
     return mix
 
 
-def _write_report(figures: dict[str, Any], args: argparse.Namespace) -> None:
+def _write_report(figures: dict[str, Any], args: argparse.Namespace,
+                  chart: bool = True) -> None:
     report.write_json(figures, args.out / "report.json")
     (args.out / "report.md").write_text(report.markdown(figures))
-    if not args.no_chart:
+    if chart and not args.no_chart:
         s = figures["scenario"]
         title = (f"{s['messages']:,} messages, {s['daemons']} daemon(s), batch {s['batch_size']}"
                  f", provider {s['latency_ms']:g} ms")
+        if s.get("redis"):
+            title += ", limits shared through Redis"
+        if s.get("account_rate"):
+            title += f", account at {s['account_rate']:,} msgs/s"
         if s["small_campaigns"]:
             title += f", {s['small_campaigns']:,} small campaigns of {s['small_size']:,}"
         since = "the daemons started"

@@ -272,14 +272,16 @@ def per_campaign(ids: Sequence[int], tenants: Mapping[int, str],
 
 def slow_tenant_figures(rate: int, daemons: int, progress: Mapping[str, int] | None,
                         peak: int | None, main_s: float | None,
-                        finished_s: float | None) -> dict[str, Any]:
+                        finished_s: float | None, *, shared: bool = False) -> dict[str, Any]:
     """The slow tenant beside the main campaigns. `progress`: its messages, sent, and done
     before, while and after the main campaigns ran (bench.SLOW_PROGRESS); `peak`: the most it
-    had accepted in any 1 s at the provider. Limits are per daemon, so `daemons` x `rate` may
-    arrive in one second."""
+    had accepted in any 1 s at the provider. Without Redis limits are per daemon, so
+    `daemons` x `rate` may arrive in one second; `shared` (through Redis): `rate` for the
+    fleet."""
     counts = dict(progress or {})
     during = counts.get("done_during_main")
-    return {"rate": rate, "allowed_peak_per_1s": rate * daemons, "peak_per_1s": peak,
+    return {"rate": rate, "allowed_peak_per_1s": rate if shared else rate * daemons,
+            "peak_per_1s": peak,
             "messages": counts.get("messages"), "sent": counts.get("sent"),
             "done_before_main": counts.get("done_before_main"), "done_during_main": during,
             "rate_during_main": round(during / main_s, 1) if during is not None and main_s
@@ -299,6 +301,135 @@ def mix_problems(mix: Mapping[str, Any] | None) -> list[str]:
     if peak is None and slow["sent"]:
         return ["the provider reported no per-second peak for the slow tenant's sender"]
     return []
+
+
+# --- rate limits: the provider's peaks against the limits (--account-rate, --slow-tenant) -------
+
+def limits_of(provider: Mapping[str, Any], *, daemons: int, redis: bool,
+              keys: Mapping[str, Mapping[str, Any]], senders: Mapping[str, Mapping[str, Any]],
+              redis_state: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The provider's peak messages and requests in any 1 s per API key and its peak messages
+    per sender, each beside its limit. `keys`: {api key: {"account", "msgs_per_s",
+    "reqs_per_s"}}, `senders`: {sender: {"owner", "msgs_per_s"}} (None: no limit). With
+    `redis` the daemons share each limit, which is then the fleet's; without it each daemon
+    keeps its own copy, so up to `daemons` x the limit may arrive in one second."""
+    msgs = provider.get("max_msgs_per_1s") or {}
+    reqs = provider.get("max_reqs_per_1s") or {}
+    by_sender = provider.get("max_msgs_per_1s_by_sender") or {}
+    rows = []
+    for key in sorted(set(keys) | set(msgs) | set(reqs)):
+        info = keys.get(key, {})
+        for measure, peaks, limit in (("messages", msgs, info.get("msgs_per_s")),
+                                      ("requests", reqs, info.get("reqs_per_s"))):
+            rows.append(_limit_row("api_key", key, f"account {info.get('account', '?')}",
+                                   measure, peaks.get(key), limit, daemons, redis))
+    for sender in sorted(set(senders) | set(by_sender)):
+        info = senders.get(sender, {})
+        if sender not in by_sender and not info.get("msgs_per_s"):
+            continue  # neither seen nor limited: a sender the run did not have
+        rows.append(_limit_row("sender", sender, info.get("owner") or "?", "messages",
+                               by_sender.get(sender), info.get("msgs_per_s"), daemons, redis))
+    return {"redis": redis, "daemons": daemons,
+            "scope": "fleet" if redis or daemons == 1 else "per daemon",
+            "rows": rows, "redis_state": dict(redis_state) if redis_state is not None else None}
+
+
+def _limit_row(of: str, name: str, owner: str, measure: str, peak: int | None,
+               limit: int | None, daemons: int, redis: bool) -> dict[str, Any]:
+    allowed = None if not limit else limit if redis else limit * daemons
+    return {"of": of, "name": name, "owner": owner, "measure": measure, "peak_per_1s": peak,
+            "limit_per_s": limit or None, "allowed_peak_per_1s": allowed,
+            "within_limit": None if peak is None or not limit else peak <= limit,
+            "within_allowed": None if peak is None or allowed is None else peak <= allowed}
+
+
+def limit_problems(limits: Mapping[str, Any] | None) -> list[str]:
+    """An API key over what its limit allows (the fleet's with Redis, each daemon's copy
+    without); the daemons never sharing through Redis when they were given it. (A tenant over
+    its rate is mix_problems'.)"""
+    if not limits:
+        return []
+    problems = []
+    for row in limits["rows"]:
+        if row["of"] == "api_key" and row["within_allowed"] is False:
+            problems.append(f"API key {row['name']} had {row['peak_per_1s']:,} {row['measure']} "
+                            f"in one second at the provider, above "
+                            f"{_allowed_text(row, limits)}")
+    state = limits.get("redis_state")
+    if limits.get("redis") and state is not None and not state.get("shared_samples"):
+        problems.append("the daemons were given Redis but never reported their limits shared "
+                        "through it (sendd_redis_shared)")
+    return problems
+
+
+def _allowed_text(row: Mapping[str, Any], limits: Mapping[str, Any]) -> str:
+    if limits["redis"] or limits["daemons"] == 1:
+        return f"its limit of {row['limit_per_s']:,}"
+    return (f"{limits['daemons']} x its limit of {row['limit_per_s']:,} "
+            f"({row['allowed_peak_per_1s']:,})")
+
+
+def parse_redis(metrics_text: str) -> dict[str, float | None]:
+    """A daemon's Redis state from /metrics: sendd_redis_shared (1: its limits are shared
+    through Redis, 0: Redis away) and sendd_redis_fallbacks; None when not exported."""
+    state: dict[str, float | None] = {"shared": None, "fallbacks": None}
+    for line in metrics_text.splitlines():
+        if not line.startswith("sendd_redis_"):
+            continue
+        name, _, value = line.partition(" ")
+        field = {"sendd_redis_shared": "shared", "sendd_redis_fallbacks": "fallbacks",
+                 "sendd_redis_fallbacks_total": "fallbacks"}.get(name)
+        if field is not None:
+            try:
+                state[field] = float(value.split()[0])
+            except (ValueError, IndexError):
+                pass
+    return state
+
+
+def redis_state(series: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Over the samples: in how many every daemon reported its limits shared through Redis,
+    and each daemon's last count of fallbacks (Redis lost)."""
+    shared = 0
+    fallbacks: list[float | None] = []
+    for point in series:
+        states = [d.get("redis") or {} for d in point.get("daemons", [])]
+        if states and all(state.get("shared") == 1 for state in states):
+            shared += 1
+        fallbacks += [None] * (len(states) - len(fallbacks))
+        for i, state in enumerate(states):
+            if state.get("fallbacks") is not None:
+                fallbacks[i] = state["fallbacks"]
+    return {"samples": len(series), "shared_samples": shared,
+            "fallbacks": [None if f is None else int(f) for f in fallbacks]}
+
+
+# --- --compare-single: one daemon's run beside the fleet's ------------------------------------
+
+def compare(single: Mapping[str, Any], fleet: Mapping[str, Any],
+            single_dir: str) -> dict[str, Any]:
+    """The two runs' headline figures side by side, and the fleet's sustained throughput over
+    the one daemon's."""
+    runs = [_headline(single), _headline(fleet)]
+    return {"single_dir": single_dir, "runs": runs,
+            "fleet_over_single": ratio(runs[1]["sustained_msgs_per_s"],
+                                       runs[0]["sustained_msgs_per_s"])}
+
+
+def _headline(figures: Mapping[str, Any]) -> dict[str, Any]:
+    run, mix = figures["run"], figures.get("mix") or {}
+    ceiling = figures.get("ceiling") or {}
+    limits = figures.get("limits") or {}
+    return {"daemons": figures["scenario"]["daemons"],
+            "redis": figures["scenario"].get("redis", False),
+            "sustained_msgs_per_s": run["sustained"]["msgs_per_s"],
+            "msgs_per_s": run["msgs_per_s"], "wall_s": run["wall_s"],
+            "main_msgs_per_s": (mix.get("main") or {}).get("msgs_per_s"),
+            "ceiling_msgs_per_s": ceiling.get("msgs_per_s"), "ratio": figures.get("ratio"),
+            "peaks": [{k: row[k] for k in ("of", "name", "measure", "peak_per_1s",
+                                           "limit_per_s", "allowed_peak_per_1s")}
+                      for row in limits.get("rows", [])],
+            "ok": figures["ok"]}
 
 
 def ratio(part: float | None, whole: float | None) -> float | None:
@@ -328,7 +459,8 @@ def markdown(report: Mapping[str, Any]) -> str:
     lines = [f"# sendd benchmark, {report['date']}", "", _scenario_line(report), "",
              "| figure | value |", "|---|---|"]
     lines += [f"| {label} | {value} |" for label, value in _figure_rows(report)]
-    lines += [*_mix_rows(report.get("mix"), report), "", *_table_rows(report["db_writes"]),
+    lines += [*_compare_rows(report.get("compare")), *_mix_rows(report.get("mix"), report),
+              *_limit_rows(report.get("limits")), "", *_table_rows(report["db_writes"]),
               *_statement_rows(report.get("statements")),
               "", _machine_line(report["machine"]),
               "", f"Command: `{report['command']}`", "", _verdict(report)]
@@ -345,7 +477,16 @@ def _scenario_line(report: Mapping[str, Any]) -> str:
             f"{s['latency_ms']:g} ms latency (+0..{s['jitter_ms']:g} ms jitter), "
             f"429 {_pct(s['error_429'])}, 503 {_pct(s['error_503'])}, "
             f"rejected {_pct(s['reject'])}; transactional {s['transactional']:g}/s; "
-            f"{_mix_scenario(s)}durable PostgreSQL; seed {s['seed']}.")
+            f"{_mix_scenario(s)}{_limits_scenario(s)}durable PostgreSQL; seed {s['seed']}.")
+
+
+def _limits_scenario(s: Mapping[str, Any]) -> str:
+    parts = []
+    if s.get("account_rate"):
+        parts.append(f"the account limited to {s['account_rate']:,} msgs/s")
+    if s.get("redis"):
+        parts.append("limits shared through Redis")
+    return "".join(f"{part}; " for part in parts)
 
 
 def _mix_scenario(s: Mapping[str, Any]) -> str:
@@ -410,8 +551,8 @@ def _mix_rows(mix: Mapping[str, Any] | None, report: Mapping[str, Any]) -> list[
         rows += [
             (f"slow tenant, limited to {slow['rate']:,} msgs/s",
              f"{_count(slow['messages'])} messages, {_count(slow['sent'])} sent; peak "
-             f"{_count(slow['peak_per_1s'])} in any 1 s at the provider (limit "
-             f"{slow['allowed_peak_per_1s']:,})"),
+             f"{_count(slow['peak_per_1s'])} in any 1 s at the provider "
+             f"({_slow_limit_text(slow)})"),
             ("slow tenant beside the main campaign",
              f"{_count(slow['done_before_main'])} done before it started, "
              f"{_count(slow['done_during_main'])} while it ran "
@@ -438,6 +579,116 @@ def _mix_rows(mix: Mapping[str, Any] | None, report: Mapping[str, Any]) -> list[
     return ["", f"Mixed tenants (times from {mix['from']}; every campaign's in report.json, "
                 "`mix`):", "", "| figure | value |", "|---|---|",
             *(f"| {label} | {value} |" for label, value in rows)]
+
+
+def _limit_rows(limits: Mapping[str, Any] | None) -> list[str]:
+    """The peaks in any 1 s at the provider against the limits, and Redis's part."""
+    if not limits:
+        return []
+    daemons = limits["daemons"]
+    if limits["redis"]:
+        how = (f"limits shared through Redis by the {daemons} daemons: each limit is the "
+               "fleet's" if daemons > 1 else "the daemon's limits kept in Redis")
+    elif daemons > 1:
+        how = (f"no Redis: each of the {daemons} daemons enforces its own copy of each limit, "
+               f"so the fleet may send up to {daemons} × it")
+    else:
+        how = "one daemon, no Redis"
+    rows = ["", f"Rate limits: the provider's peak in any 1 s ({how}):", "",
+            "| peak in any 1 s at the provider | limit | peak | within the limit |",
+            "|---|---|---|---|"]
+    for row in limits["rows"]:
+        what = ("API key" if row["of"] == "api_key" else "sender")
+        rows.append(f"| {what} `{row['name']}` ({row['owner']}), {row['measure']} | "
+                    f"{_limit_text(row, limits)} | {_count(row['peak_per_1s'])} | "
+                    f"{_within_text(row, limits)} |")
+    rows += ["", _redis_text(limits)]
+    return rows
+
+
+def _limit_text(row: Mapping[str, Any], limits: Mapping[str, Any]) -> str:
+    limit = row["limit_per_s"]
+    if not limit:
+        return "none of its own (the account's)" if row["of"] == "sender" else "none"
+    unit = f"{limit:,} {'msgs' if row['measure'] == 'messages' else 'reqs'}/s"
+    if limits["redis"]:
+        return f"{unit} for the fleet" if limits["daemons"] > 1 else unit
+    if limits["daemons"] > 1:
+        return (f"{unit} per daemon (up to {row['allowed_peak_per_1s']:,} for "
+                f"{limits['daemons']} daemons)")
+    return unit
+
+
+def _within_text(row: Mapping[str, Any], limits: Mapping[str, Any]) -> str:
+    if row["within_limit"] is None:
+        return "n/a"
+    if row["within_limit"]:
+        return "**yes**"
+    times = f"{row['peak_per_1s'] / row['limit_per_s']:.2f} × the limit"
+    if row["within_allowed"] and not limits["redis"] and limits["daemons"] > 1:
+        return f"**no**: {times} (within {limits['daemons']} × it: one copy per daemon)"
+    return f"**no**: {times}"
+
+
+def _redis_text(limits: Mapping[str, Any]) -> str:
+    if not limits["redis"]:
+        return "Redis: not used (no `[redis] url`)."
+    state = limits.get("redis_state") or {}
+    samples, shared = state.get("samples"), state.get("shared_samples")
+    fallbacks = state.get("fallbacks") or []
+    share = (f"every daemon reported its limits shared (sendd_redis_shared 1) in {shared:,} of "
+             f"{samples:,} samples" if samples else "no samples of the daemons' Redis state")
+    lost = ", ".join(_count(f) for f in fallbacks) or "n/a"
+    return (f"Redis: used (a private redis-server for the run); {share}; fallbacks per "
+            f"daemon {lost}.")
+
+
+def _compare_rows(compare: Mapping[str, Any] | None) -> list[str]:
+    """--compare-single: the one-daemon run beside the fleet's."""
+    if not compare:
+        return []
+    single, fleet = compare["runs"]
+
+    def label(run: Mapping[str, Any]) -> str:
+        return f"{run['daemons']} daemon{'s' if run['daemons'] > 1 else ''}"
+
+    over = compare.get("fleet_over_single")
+    rows = [("sustained throughput (10% to 90% done)", _rate(single["sustained_msgs_per_s"]),
+             _rate(fleet["sustained_msgs_per_s"])
+             + (f" (**{over:.2f} ×** one daemon's)" if over is not None else "")),
+            ("overall throughput", _rate(single["msgs_per_s"]), _rate(fleet["msgs_per_s"])),
+            ("bare-PostgreSQL ceiling / sustained ratio",
+             f"{_rate(single['ceiling_msgs_per_s'])} / {_fmt(single['ratio'], '{:.2f}')}",
+             f"{_rate(fleet['ceiling_msgs_per_s'])} / {_fmt(fleet['ratio'], '{:.2f}')}")]
+    if single.get("main_msgs_per_s") is not None or fleet.get("main_msgs_per_s") is not None:
+        rows.append(("main campaign(s), start to done", _rate(single["main_msgs_per_s"]),
+                     _rate(fleet["main_msgs_per_s"])))
+    peaks = {(p["of"], p["name"], p["measure"]): p for p in single["peaks"]}
+    for peak in fleet["peaks"]:
+        one = peaks.get((peak["of"], peak["name"], peak["measure"])) or {}
+        limit = peak["limit_per_s"]
+        scope = "" if not limit else (
+            f" (limit {limit:,}" + (" for the fleet)" if fleet["redis"] else " per daemon)"))
+        what = "API key" if peak["of"] == "api_key" else "sender"
+        rows.append((f"peak {peak['measure']} in any 1 s, {what} `{peak['name']}`{scope}",
+                     _count(one.get("peak_per_1s")), _count(peak["peak_per_1s"])))
+    rows.append(("Redis", "yes" if single["redis"] else "no", "yes" if fleet["redis"] else "no"))
+    rows.append(("result", "OK" if single["ok"] else "FAILED", "OK" if fleet["ok"] else "FAILED"))
+    return ["", f"One daemon against the fleet (--compare-single: the same scenario with one "
+                f"daemon, run just before; its report in {compare['single_dir']}/):", "",
+            f"| figure | {label(single)} | {label(fleet)} |", "|---|---|---|",
+            *(f"| {a} | {b} | {c} |" for a, b, c in rows)]
+
+
+def _slow_limit_text(slow: Mapping[str, Any]) -> str:
+    """The slow tenant's limit as the fleet had it: shared through Redis, or one copy per
+    daemon (bench.py sets "shared")."""
+    rate, allowed = slow["rate"], slow["allowed_peak_per_1s"]
+    if slow.get("shared"):
+        return f"limit {rate:,} for the fleet, through Redis"
+    if allowed != rate:
+        return f"limit {rate:,} per daemon: {allowed:,} for the fleet without Redis"
+    return f"limit {allowed:,}"
 
 
 def _seconds(value: float | None) -> str:
