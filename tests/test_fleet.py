@@ -29,16 +29,17 @@ from harness import (
     wait_until,
     write_config,
 )
-from sendd.dev.pgserver import PrivateRedis
+from sendd.dev.pgserver import PrivateRedis, free_port
 
 ACCOUNT_RATE, TENANT_RATE = 2_000, 1_000
 STORM_KEY = "storm-key"  # the API key of the daemon that gets the 429s
 
 
 def fleet_configs(tmp_path: Path, database_url: str, provider_url: str, redis_url: str,
-                  keys: list[str] | None = None) -> list[Path]:
+                  keys: list[str] | None = None, redis_urls: list[str] | None = None
+                  ) -> list[Path]:
     """Three daemons' configs (own control sockets and HTTP ports), account `main` at 2,000
-    msgs/s; `keys`: each daemon's API key."""
+    msgs/s; `keys`: each daemon's API key, `redis_urls` each one's Redis."""
     configs = []
     for n in range(3):
         folder = tmp_path / f"daemon{n}"
@@ -46,7 +47,8 @@ def fleet_configs(tmp_path: Path, database_url: str, provider_url: str, redis_ur
         account = {"msgs_per_s": ACCOUNT_RATE, "max_batch": 200,
                    **({"api_key": keys[n]} if keys else {})}
         configs.append(write_config(folder / "sendd.toml", database_url, provider_url,
-                                    accounts={"main": account}, redis_url=redis_url,
+                                    accounts={"main": account},
+                                    redis_url=redis_urls[n] if redis_urls else redis_url,
                                     pipeline={"lease_seconds": 10.0}))
     return configs
 
@@ -150,6 +152,31 @@ def test_redis_away_for_20s_then_back_empty_keeps_the_limit(
     during = sum(1 for t in times if stopped + 2 < t < restarted)
     # A third of the limit each, after a window without sending: about 2,000 x 17 s in all.
     assert during >= 0.6 * ACCOUNT_RATE * (restarted - stopped - 2), during
+    no_duplicates(fake_provider)
+
+
+@pytest.mark.serial  # rates against the wall clock
+def test_a_daemon_that_cannot_reach_redis_keeps_to_its_share(
+        tmp_path: Path, database_url: str, fake_provider: FakeProvider,
+        redis_server: PrivateRedis) -> None:
+    """Daemon 0's Redis URL leads nowhere (Redis away for it alone): it sends at a third of
+    each limit, says so (status, instance table), and the two that share leave it that third:
+    the fleet stays within the limits. (Without the instance table's word, up to 4/3 of them.)"""
+    redis.Redis.from_url(redis_server.url).flushall()
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"
+    configs = fleet_configs(tmp_path, database_url, fake_provider.url, "",
+                            redis_urls=[nowhere, redis_server.url, redis_server.url])
+    ids = queue_campaigns(database_url, {"limited": TENANT_RATE, "open": 0},
+                          [("limited", 8_000, "main", "LIMITED"), ("open", 8_000, "main", "OPEN")])
+    with ExitStack() as stack:
+        daemons = start_fleet(stack, configs)
+        wait_until(lambda: limits_mode(configs[0]) == "fallback", 20, "daemon 0 to fall back")
+        status = sendd_json(configs[1], "ctl", "status", "--json")["redis"]
+        for campaign_id in ids:
+            wait_campaign(database_url, campaign_id, "completed", 60)
+    assert status["mode"] == "shared" and status["daemons_at_their_share"] == 1, status
+    within_limits(fake_provider, database_url, ids)
+    assert all(d.events("batch_sent") for d in daemons)
     no_duplicates(fake_provider)
 
 

@@ -194,15 +194,9 @@ def test_redis_away_falls_back_to_a_share_and_rejoins(tmp_path: Any) -> None:
             seen["share"] = fleet.governor.effective("main")
             seen["deferred"] = fleet.governor.backing_off("main")
             seen["local"] = await fleet.reserve("main", "t", (600, 0, 0), 10, 1)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(limits.run_redis_watch, fleet)
-                await trio.sleep(limits.PROBE_EVERY * 2)
-                seen["still"] = fleet.mode
-                server.start_process()
-                with trio.fail_after(5):
-                    while not fleet.shared:
-                        await trio.sleep(0.05)
-                nursery.cancel_scope.cancel()
+            seen["still"] = await fleet.rejoin(), fleet.mode  # what the watch does
+            server.start_process()
+            seen["back"] = await fleet.rejoin(), fleet.mode, fleet.health.current_problems()
             seen["rejoined"] = await fleet.reserve("main", "t", (600, 0, 0), 10, 1)
             seen["effective"] = fleet.governor.effective("main")
             return seen
@@ -216,9 +210,24 @@ def test_redis_away_falls_back_to_a_share_and_rejoins(tmp_path: Any) -> None:
     assert "1/3" in seen["problems"]["redis"]
     assert seen["share"] == (200, 0) and seen["deferred"] > GUARD_WINDOW - 0.1
     assert seen["local"].granted and seen["local"].reason == "local"  # the local share decides
-    assert seen["still"] == FALLBACK
+    assert seen["still"] == (False, FALLBACK)
+    assert seen["back"] == (True, SHARED, {})  # the problem is gone with it
     assert not seen["rejoined"].granted and seen["rejoined"].reason == "hold"
     assert seen["effective"] == (600, 0)
+
+
+def test_the_daemons_at_their_share_are_left_room(redis_server: PrivateRedis) -> None:
+    """Of three live daemons one cannot reach Redis and sends a third of 600 msgs/s on its
+    own: the ones that share reserve at most 400 between them."""
+    fresh(redis_server)
+
+    async def work(fleet: FleetLimits) -> list[tuple[float, int]]:
+        fleet.others_local = 1
+        verdicts = await reserve_until_granted(fleet, 50, trio.current_time() + 2.5)
+        return [(v.at, 50) for v in verdicts]
+
+    grants = with_fleet(redis_server.url, work, {"main": (600, 0)}, live=3)
+    assert 350 <= busiest_window(grants, GUARD_WINDOW) <= 400, busiest_window(grants)
 
 
 def test_an_unreachable_redis_at_start_falls_back_at_once() -> None:

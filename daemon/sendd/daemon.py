@@ -123,7 +123,7 @@ def _service_actors(parts: Parts) -> list[tuple[str, Callable[..., Any]]]:
                                       accounts=parts.accounts, controls=parts.controls,
                                       health=health)),
         ("http", functools.partial(serve_http, observed)),  # /healthz /readyz /metrics
-        *([("redis", functools.partial(run_redis_watch, parts.accounts.fleet))]
+        *([("redis", functools.partial(run_redis_watch, parts.accounts.fleet, pool))]
           if parts.accounts.fleet is not None else []),
     ]
 

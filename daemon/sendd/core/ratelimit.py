@@ -217,9 +217,7 @@ class Governor:
             self.defer(name, seconds)
 
     def _part(self, configured: int) -> int:
-        if configured <= 0 or self._share == 1:
-            return configured
-        return max(1, configured // self._share)
+        return share_of(configured, self._share)
 
     def max_batch(self, account: str, tenant: str | None, single: bool = False) -> int:
         """Largest unit count one grant can take now: the smallest message limit that applies
@@ -310,6 +308,14 @@ class Governor:
     def _tenant_log(self, tenant: str) -> WindowLimit:
         log = self._tenants.get(tenant)
         return log if log is not None else _UNLIMITED
+
+
+def share_of(limit: int, daemons: int) -> int:
+    """One of `daemons` daemons' share of a limit that they cannot count together: at least 1
+    (0: unlimited stays unlimited)."""
+    if limit <= 0 or daemons <= 1:
+        return limit
+    return max(1, limit // daemons)
 
 
 # Shared stand-in for unknown tenants: unlimited logs record nothing, so sharing is safe.

@@ -104,6 +104,23 @@ async def register(conn: Any, instance_id: str, lease_seconds: float) -> None:
     await conn.execute(REGISTER, instance_id, socket.gethostname(), os.getpid(), lease_seconds)
 
 
+# Whether this daemon sends at its local share of the limits (Redis away), and how many other
+# live daemons do (sendd.shared.limits).
+SET_LIMITS_LOCAL = "UPDATE sendd.instance SET limits_local = $2 WHERE id = $1"
+OTHERS_LOCAL = """
+SELECT count(*) FROM sendd.instance
+WHERE id <> $1 AND limits_local AND stopped_at IS NULL AND lease_until > now()
+"""
+
+
+async def set_limits_local(conn: Any, instance_id: str, local: bool) -> None:
+    await conn.execute(SET_LIMITS_LOCAL, instance_id, local)
+
+
+async def others_local(conn: Any, instance_id: str) -> int:
+    return await conn.fetchval(OTHERS_LOCAL, instance_id)
+
+
 async def renew(conn: Any, instance_id: str, lease_seconds: float) -> int | None:
     """Extend the lease; the live daemons, or None when it had already ended (our claims may
     be someone else's)."""

@@ -1,4 +1,4 @@
--- The sendd schema as it is after every migration (0001..0013), for reading: what each table,
+-- The sendd schema as it is after every migration (0001..0014), for reading: what each table,
 -- function and trigger is for. `sendd migrate` builds and changes the schema with the files in
 -- migrations/; this file is not run by sendd. A test (tests/test_schema_file.py) builds a
 -- database from it and checks that its catalogue equals that of a database migrated from
@@ -77,7 +77,9 @@ CREATE TABLE sendd.instance (
     started_at   timestamptz NOT NULL DEFAULT now(),
     lease_until  timestamptz NOT NULL,
     stopped_at   timestamptz,
-    accounts     text[] NOT NULL DEFAULT '{}'
+    accounts     text[] NOT NULL DEFAULT '{}',
+    -- Sending at its share of each limit, Redis out of its reach (0014; sendd.shared.limits).
+    limits_local boolean NOT NULL DEFAULT false
 );
 
 

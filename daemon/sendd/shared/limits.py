@@ -9,10 +9,13 @@ and the local governor follows them, so this daemon's claims shrink with a 429 t
 daemon saw.
 
 When Redis does not answer in time, the daemon falls back to a share of every limit: the limit
-divided by the live daemons (the instance table, counted at each lease renewal), after one
-window without sending, since the fleet's last grants in Redis are no longer known. A watch
-(`run_redis_watch`) pings Redis meanwhile and rejoins, holding the fleet for a window and a
-probe interval so that nobody's local grants overlap shared ones.
+divided by the live daemons (the instance table, counted at each lease renewal). It says so in
+the instance table (`limits_local`), and the daemons that still reach Redis read how many do
+and reserve that much less, so the fleet keeps every limit also when Redis is away for only
+some of them. The fallen daemon sends nothing until they have read it and their grants made
+before have left the window (LOCAL_HOLD). A watch (`run_redis_watch`) pings Redis meanwhile and
+rejoins, holding the fleet for a window and a probe interval so that nobody's local grants
+overlap shared ones.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from typing import Any, Protocol
 import structlog
 import trio
 
-from sendd.core.ratelimit import GUARD_WINDOW, Governor
+from sendd.core.ratelimit import GUARD_WINDOW, Governor, share_of
+from sendd.db import leases
+from sendd.db.connection import RETRYABLE_ERRORS
 from sendd.errors import describe
 from sendd.shared import scripts
 from sendd.state.health import Health
@@ -39,6 +44,10 @@ PROBE_EVERY = 0.5  # seconds between pings while Redis is away
 # After Redis was away or lost its data: the grants made meanwhile leave the window, and every
 # daemon notices Redis is back (a ping, its timeout) before anything is granted again.
 HOLD = GUARD_WINDOW + PROBE_EVERY + REDIS_TIMEOUT + 0.1
+# A daemon that lost Redis sends nothing until the others know (its watch writes the flag
+# within a probe interval, theirs read it within one more) and their grants made before have
+# left the window.
+LOCAL_HOLD = GUARD_WINDOW + 2 * PROBE_EVERY + 0.5
 PREFIX = "sendd"
 
 SHARED, FALLBACK = "shared", "fallback"
@@ -79,6 +88,8 @@ class FleetLimits:
     mode: str = SHARED
     since: float = field(default_factory=trio.current_time)
     fallbacks: int = 0  # times this daemon fell back (metrics)
+    others_local: int = 0  # other live daemons sending at their share (the instance table)
+    flagged_local: bool = False  # what this daemon's row says of it
 
     @property
     def shared(self) -> bool:
@@ -97,7 +108,7 @@ class FleetLimits:
         fallback the local governor's share has decided already."""
         if not self.shared:
             return Verdict(True, 0.0, "local")
-        msgs, reqs, tenant_msgs = limits
+        msgs, reqs, tenant_msgs = (self._room(limit) for limit in limits)
         keys = [_fleet_key(), _account_key(account),
                 *_log_keys(f"account:{account}:msgs"), *_log_keys(f"account:{account}:reqs"),
                 *_log_keys(f"tenant:{tenant}:msgs")]
@@ -141,10 +152,27 @@ class FleetLimits:
         log.info("redis_rejoined", hold_s=HOLD)
         return True
 
+    async def publish(self, pool: Any) -> None:
+        """Say in the instance table whether this daemon sends at its share; read how many
+        others do."""
+        local = not self.shared
+        async with pool.acquire() as conn:
+            if local != self.flagged_local:
+                await leases.set_limits_local(conn, self.lease.instance_id, local)
+                self.flagged_local = local
+            self.others_local = await leases.others_local(conn, self.lease.instance_id)
+
     def status(self) -> dict[str, Any]:
         return {"mode": self.mode, "for_s": round(trio.current_time() - self.since, 1),
-                "daemons": self.fleet_size,
+                "daemons": self.fleet_size, "daemons_at_their_share": self.others_local,
                 "share": 1.0 if self.shared else round(1 / self.fleet_size, 3)}
+
+    def _room(self, limit: int) -> int:
+        """A limit less the shares of the daemons sending at theirs, Redis out of their
+        reach (0: unlimited)."""
+        if limit <= 0 or not self.others_local:
+            return limit
+        return max(1, limit - self.others_local * share_of(limit, self.fleet_size))
 
     async def _call(self, script: str, keys: list[str], args: list[Any]) -> Any:
         try:
@@ -161,7 +189,7 @@ class FleetLimits:
         self.fallbacks += 1
         # Nothing for a window: the fleet's grants of the last one are in Redis, out of reach.
         self.governor.set_share(self.fleet_size)
-        self.governor.defer_all(GUARD_WINDOW)
+        self.governor.defer_all(LOCAL_HOLD)
         self.health.report_problem("redis", self._fallback_text(error))
         log.warning("redis_unreachable", error=describe(error), daemons=self.fleet_size,
                     share=round(1 / self.fleet_size, 3))
@@ -171,14 +199,19 @@ class FleetLimits:
                 "limit until it answers")
 
 
-async def run_redis_watch(fleet: FleetLimits,
+async def run_redis_watch(fleet: FleetLimits, pool: Any,
                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """While Redis is away, ping it every PROBE_EVERY seconds and rejoin when it answers."""
+    """Every PROBE_EVERY seconds: while Redis is away, ping it and rejoin when it answers;
+    publish this daemon's mode and read the others' (sendd.instance)."""
     task_status.started()
     while True:
         await trio.sleep(PROBE_EVERY)
         if not fleet.shared and not await fleet.rejoin():
             fleet.governor.set_share(fleet.fleet_size)  # daemons may have come or gone
+        try:
+            await fleet.publish(pool)
+        except RETRYABLE_ERRORS as error:
+            fleet.health.report_problem("redis", f"cannot publish its mode: {describe(error)}")
 
 
 def _text(value: bytes | str) -> str:
