@@ -12,7 +12,8 @@ ALL_MIGRATIONS = ["0001_schema", "0002_drop_message_campaign_index", "0003_claim
                   "0004_trigger_no_key_locks", "0005_in_flight_counters",
                   "0006_express_claim", "0007_trigger_without_join", "0008_honest_inserts",
                   "0009_instance_accounts", "0010_counters_in_named_steps",
-                  "0011_one_claim_rule", "0012_stored_pauses", "0013_tenant_weight"]
+                  "0011_one_claim_rule", "0012_stored_pauses", "0013_tenant_weight",
+                  "0014_local_limits"]
 
 
 def test_migrate_applies_once_then_nothing(tmp_path, database_url):
@@ -20,12 +21,12 @@ def test_migrate_applies_once_then_nothing(tmp_path, database_url):
     first = subprocess.run([*SENDD, "--config", str(config), "migrate"], capture_output=True,
                            text=True, env=env(), timeout=120)
     assert first.returncode == 0, first.stderr
-    assert json.loads(first.stdout) == {"applied": ALL_MIGRATIONS, "version": 13}
+    assert json.loads(first.stdout) == {"applied": ALL_MIGRATIONS, "version": 14}
 
     second = subprocess.run([*SENDD, "--config", str(config), "migrate"], capture_output=True,
                             text=True, env=env(), timeout=120)
     assert second.returncode == 0, second.stderr
-    assert json.loads(second.stdout) == {"applied": [], "version": 13}
+    assert json.loads(second.stdout) == {"applied": [], "version": 14}
 
     rows = query(database_url, "SELECT version, name FROM sendd.schema_migration")
     assert [f"{r['version']:04d}_{r['name']}" for r in rows] == ALL_MIGRATIONS
@@ -49,4 +50,4 @@ def test_two_concurrent_migrates_both_succeed_and_apply_once(tmp_path, database_
     assert applied == [[], ALL_MIGRATIONS]
 
     rows = query(database_url, "SELECT version FROM sendd.schema_migration")
-    assert [r["version"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]
+    assert [r["version"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
