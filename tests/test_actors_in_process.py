@@ -21,7 +21,6 @@ from sendd.dev.memprovider import (
     MemoryProvider,
     ambiguous,
     ok,
-    suspend,
     throttled,
     unavailable,
 )
@@ -134,16 +133,6 @@ def test_a_too_large_batch_shrinks_the_account_s_batches() -> None:
     assert parts.accounts.shrink_batches("main", 500) == 500
     assert parts.accounts.shrink_batches("main", 800) == 500  # never grows back
     assert parts.accounts.max_batch(parts.controls.account("main"), "shop") == 500
-
-
-async def test_a_suspension_releases_the_batch_and_holds_the_account_back(
-        clock: trio.testing.MockClock) -> None:
-    provider = MemoryProvider().script(suspend("HTTP 401: bad key"))
-    parts = _parts(provider)
-    assert _statuses(await _send(parts, _messages(2))) == [RELEASE] * 2
-    assert parts.accounts.suspended == {"main": "HTTP 401: bad key"}
-    assert _statuses(await _send(parts, _messages(2, start=5))) == [RELEASE] * 2
-    assert len(provider.requests) == 1
 
 
 async def test_rejections_fail_their_messages_only(clock: trio.testing.MockClock) -> None:

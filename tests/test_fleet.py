@@ -180,6 +180,34 @@ def test_a_daemon_that_cannot_reach_redis_keeps_to_its_share(
     no_duplicates(fake_provider)
 
 
+def test_a_suspension_seen_by_one_daemon_stops_the_others(
+        tmp_path: Path, database_url: str, fake_provider: FakeProvider) -> None:
+    """Daemon 0's key is refused (401): it stores a pause of the account with the reason, so
+    daemons 1 and 2 (whose key works) stop sending for it within about a second, and nothing
+    fails; `sendd ctl resume --account` through any daemon lifts it."""
+    configs = fleet_configs(tmp_path, database_url, fake_provider.url, "",
+                            keys=["revoked-key", API_KEY, API_KEY])
+    ids = queue_campaigns(database_url, {"open": 0}, [("open", 200_000, "main", "OPEN")])
+    with ExitStack() as stack:
+        daemons = start_fleet(stack, configs)
+        wait_until(lambda: daemons[0].events("account_suspended"), 20, "the 401")
+        wait_until(lambda: all(sendd_json(c, "ctl", "status", "--json")["accounts"]["main"]
+                               ["paused"] for c in configs[1:]), 3, "the others to stop")
+        accepted = fake_provider.stats()["accepted"]
+        time.sleep(1.5)
+        after = fake_provider.stats()["accepted"]
+        reason = query(database_url, "SELECT reason FROM sendd.pause "
+                                     "WHERE scope = 'account' AND target = 'main'")
+        sendd_json(configs[1], "ctl", "resume", "--account", "main")
+        wait_until(lambda: fake_provider.stats()["accepted"] > after, 10, "sending again")
+    assert after - accepted <= 2 * 200, (accepted, after)  # only what was on the wire
+    assert "401" in reason[0]["reason"] and reason[0]["reason"].startswith("suspended")
+    failed = query(database_url, "SELECT count(*) AS n FROM sendd.message "
+                                 "WHERE campaign_id = $1 AND status = 'failed'", ids[0])
+    assert failed[0]["n"] == 0
+    no_duplicates(fake_provider)
+
+
 @pytest.mark.serial  # rates against the wall clock
 def test_a_429_storm_on_one_daemon_slows_all_three(
         tmp_path: Path, database_url: str, fake_provider: FakeProvider,

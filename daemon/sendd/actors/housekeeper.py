@@ -69,6 +69,9 @@ class Housekeeper:
         stored = await pauses.load(conn)
         if commands == self.controls.pause_commands:
             self.controls.apply_pauses(stored)
+            # A suspension is a stored pause of its account: resumed through any daemon.
+            for account in set(self.accounts.suspended) - stored.accounts:
+                del self.accounts.suspended[account]
 
     async def refresh_tenants(self, conn: Any) -> None:
         """The tenants' rate limits go to the governor; their weights replace

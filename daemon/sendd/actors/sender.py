@@ -15,6 +15,7 @@ import trio
 from sendd.core.breaker import Admission, State, Ticket
 from sendd.core.outcomes import Reaction, classify, classify_each, released, speaking_for
 from sendd.core.ratelimit import GUARD_WINDOW
+from sendd.db import pauses
 from sendd.db.claims import MARK_SUBMITTED
 from sendd.db.leases import LEASE_MARGIN
 from sendd.db.retry import retrying
@@ -225,9 +226,8 @@ class Sender:
         """What the answers mean for the account: suspension, slowing down, speeding up (for
         the fleet too, when it shares its limits)."""
         governor, fleet = self.accounts.governor, self.accounts.fleet
-        if reaction.suspend is not None:
-            self.accounts.suspended[account] = reaction.suspend
-            log.error("account_suspended", account=account, reason=reaction.suspend)
+        if reaction.suspend is not None and account not in self.accounts.suspended:
+            await self._suspend(account, reaction.suspend)
         if reaction.throttled:
             governor.penalize(account, reaction.retry_after)
             if fleet is not None:
@@ -239,6 +239,20 @@ class Sender:
                     account, "")[:2]:
                 msgs, reqs, _ = governor.configured(account, "")
                 await fleet.reward(account, msgs, reqs)
+
+    async def _suspend(self, account: str, reason: str) -> None:
+        """The provider suspended the account: a stored pause of it, with the reason, stops
+        every daemon of the fleet (as an operator's would: `sendd ctl resume --account` lifts
+        it anywhere)."""
+        log.error("account_suspended", account=account, reason=reason)
+        await retrying(self.pool, lambda conn: pauses.store(
+            conn, "account", account, f"suspended by the provider: {reason}"),
+            health=self.health, actor="sender", trouble="cannot store a suspension",
+            event="suspension_retry")
+        # Stored first: a read of the pauses from before the store is now stale, and dropped.
+        self.accounts.suspended[account] = reason
+        self.controls.paused_accounts.add(account)
+        self.controls.pause_commands += 1
 
     async def _split(self, batch: Batch) -> Sent:
         half = len(batch.messages) // 2
