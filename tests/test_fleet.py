@@ -208,6 +208,41 @@ def test_a_suspension_seen_by_one_daemon_stops_the_others(
     no_duplicates(fake_provider)
 
 
+@pytest.mark.serial  # a pause against the wall clock
+def test_a_provider_down_for_one_daemon_holds_the_others_while_it_probes(
+        tmp_path: Path, database_url: str, fake_provider: FakeProvider,
+        redis_server: PrivateRedis) -> None:
+    """Every request of daemon 0 is answered 503: its breaker opens, and daemons 1 and 2 hold
+    the account's batches (status: waiting for the breaker) while it probes, instead of each
+    finding the outage with requests of its own; its first answered probe lets them go."""
+    redis.Redis.from_url(redis_server.url).flushall()
+    fake_provider.control(api_keys=[API_KEY, STORM_KEY])
+    configs = fleet_configs(tmp_path, database_url, fake_provider.url, redis_server.url,
+                            keys=[STORM_KEY, API_KEY, API_KEY])
+    ids = queue_campaigns(database_url, {"open": 0}, [("open", 100_000, "main", "OPEN")])
+    with ExitStack() as stack:
+        daemons = start_fleet(stack, configs)
+        wait_until(lambda: len(acceptances(fake_provider, database_url, ids)) > 2_000, 20,
+                   "the fleet to send")
+        fake_provider.control(error_503_rate=1.0, error_key=STORM_KEY)
+        wait_until(lambda: daemons[0].events("account_unavailable"), 10, "daemon 0's breaker")
+        held_from = time.time() + 0.5  # what was on the wire lands
+        waiting = wait_until(lambda: [w for w in sendd_json(configs[1], "ctl", "status",
+                                                            "--json")["waiting"]
+                                      if w["for"] == "breaker"], 5, "daemon 1 to wait")
+        time.sleep(2.0)
+        held_until = time.time()
+        fake_provider.control(error_503_rate=0.0)
+        wait_until(lambda: daemons[0].events("account_recovered"), 70, "the probe's answer")
+        recovered = time.time()
+        wait_until(lambda: sum(1 for t in acceptances(fake_provider, database_url, ids)
+                               if t > recovered) > 2_000, 20, "the fleet to send again")
+    others = [(e["sent_at"], e["size"]) for d in daemons[1:] for e in d.events("batch_sent")]
+    during = sum(n for t, n in others if held_from <= t < held_until)
+    assert waiting and during == 0, (waiting, during)
+    no_duplicates(fake_provider)
+
+
 @pytest.mark.serial  # rates against the wall clock
 def test_a_429_storm_on_one_daemon_slows_all_three(
         tmp_path: Path, database_url: str, fake_provider: FakeProvider,
@@ -225,7 +260,7 @@ def test_a_429_storm_on_one_daemon_slows_all_three(
                    "the fleet to send")
         calm_start = time.time()
         time.sleep(2)
-        fake_provider.control(error_429_rate=1.0, error_429_key=STORM_KEY)
+        fake_provider.control(error_429_rate=1.0, error_key=STORM_KEY)
         storm_start = time.time()
         time.sleep(4)
         storm_end = time.time()

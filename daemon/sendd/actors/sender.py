@@ -12,7 +12,7 @@ from typing import Any
 import structlog
 import trio
 
-from sendd.core.breaker import Admission, State, Ticket
+from sendd.core.breaker import PROBE_BASE, Admission, State, Ticket
 from sendd.core.outcomes import Reaction, classify, classify_each, released, speaking_for
 from sendd.core.ratelimit import GUARD_WINDOW
 from sendd.db import pauses
@@ -198,7 +198,7 @@ class Sender:
                 responses = await provider.send_each(batch.messages)
             else:
                 responses = [await provider.send(batch.messages)]
-        self._note_availability(batch.account, ticket, responses)
+        await self._note_availability(batch.account, ticket, responses)
         response = speaking_for(responses)
         self.metrics.rate_wait.observe(waited)
         self.metrics.provider_request.labels(batch.account).observe(
@@ -271,10 +271,23 @@ class Sender:
         log.error("sender_local_failure", error=error, pause=LOCAL_PAUSE)
         await trio.sleep(LOCAL_PAUSE)
 
-    def _note_availability(self, account: str, ticket: Ticket,
-                           responses: list[base.SendResponse]) -> None:
-        if note_availability(self.accounts, account, ticket, responses):
+    async def _note_availability(self, account: str, ticket: Ticket,
+                                 responses: list[base.SendResponse]) -> None:
+        """The breaker's bookkeeping; with a fleet, the others hold the account while this
+        daemon's breaker is not closed (it probes for them)."""
+        recovered = note_availability(self.accounts, account, ticket, responses)
+        if recovered:
             self.controls.wake_pollers()
+        fleet = self.accounts.fleet
+        if fleet is None:
+            return
+        breaker = self.accounts.breakers.get(account)
+        if recovered:
+            await fleet.provider_up(account)
+        elif breaker.state is not State.CLOSED:
+            # Until its next probe has had its time: its answer extends or lifts the hold.
+            next_probe = max(PROBE_BASE, breaker.retry_at - trio.current_time())
+            await fleet.provider_down(account, next_probe + self.controls.account(account).timeout)
 
 
 def note_availability(accounts: Accounts, account: str, ticket: Ticket,

@@ -182,10 +182,10 @@ class FakeProvider:
         s = self.settings
         if count > s.max_batch:
             return error_reply(413, f"at most {s.max_batch} messages per request")
-        if (s.error_429_rate > 0 and s.error_429_key in ("", key)
-                and self.rng.random() < s.error_429_rate):
+        targeted = s.error_key in ("", key)
+        if targeted and s.error_429_rate > 0 and self.rng.random() < s.error_429_rate:
             return self._too_many()
-        if s.error_503_rate > 0 and self.rng.random() < s.error_503_rate:
+        if targeted and s.error_503_rate > 0 and self.rng.random() < s.error_503_rate:
             return error_reply(503, "service unavailable")
         return None
 

@@ -18,7 +18,7 @@ class FakeSettings:
     latency_ms: float = 0.0
     jitter_ms: float = 0.0
     error_429_rate: float = 0.0
-    error_429_key: str = ""  # only requests with this API key get the 429s ("": every key)
+    error_key: str = ""  # only requests with this API key get the 429s and 503s ("": all)
     retry_after: int = 1
     error_503_rate: float = 0.0
     status_override: int = 0

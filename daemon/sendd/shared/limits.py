@@ -113,7 +113,7 @@ class FleetLimits:
                 *_log_keys(f"account:{account}:msgs"), *_log_keys(f"account:{account}:reqs"),
                 *_log_keys(f"tenant:{tenant}:msgs")]
         args = [GUARD_WINDOW, max(0.0, lead), HOLD, msgs, reqs, tenant_msgs, units, requests,
-                replace]
+                replace, self.lease.instance_id]
         reply = await self._call(scripts.RESERVE, keys, args)
         if reply is None:
             return Verdict(False, HOLD, "fallback")
@@ -136,6 +136,17 @@ class FleetLimits:
         """A success grows the fleet's backed-off limits back (only called while backed off)."""
         if self.shared:
             await self._call(scripts.REWARD, [_account_key(account)], [msgs, reqs])
+
+    async def provider_down(self, account: str, seconds: float) -> None:
+        """This daemon's breaker of the account is open: the fleet holds the account's batches
+        for `seconds` (until its next probe) while this daemon probes."""
+        if self.shared:
+            await self._call(scripts.PROVIDER_DOWN, [_account_key(account)],
+                             [seconds, self.lease.instance_id])
+
+    async def provider_up(self, account: str) -> None:
+        if self.shared:
+            await self._call(scripts.PROVIDER_UP, [_account_key(account)], [])
 
     async def rejoin(self) -> bool:
         """Redis answers again: hold the fleet, then share; False while it still does not."""

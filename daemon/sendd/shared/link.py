@@ -26,7 +26,8 @@ class RedisLink:
             max_connections=MAX_CONNECTIONS, decode_responses=False)
         self._scripts: dict[str, AsyncScript] = {
             body: self._client.register_script(body)
-            for body in (scripts.RESERVE, scripts.PENALIZE, scripts.REWARD, scripts.REJOIN)}
+            for body in (scripts.RESERVE, scripts.PENALIZE, scripts.REWARD, scripts.REJOIN,
+                         scripts.PROVIDER_DOWN, scripts.PROVIDER_UP)}
 
     async def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         call = self._scripts[script]

@@ -24,7 +24,7 @@ from __future__ import annotations
 # ARGV: 1 window s, 2 lead s (the grant's time after now), 3 hold s (on a fresh Redis),
 #       4 account msgs/s, 5 account reqs/s, 6 tenant msgs/s (0: unlimited), 7 units,
 #       8 requests, 9 the time of an earlier grant of these units to drop first ("": none; a
-#       batch that missed its grant and was not sent).
+#       batch that missed its grant and was not sent), 10 the daemon's instance id.
 # Returns {granted 0/1, wait µs, reason, effective msgs/s, effective reqs/s, the grant's time
 # (Redis's clock, as stored; "" when refused)}.
 RESERVE = """
@@ -52,6 +52,11 @@ local hold_until = tonumber(redis.call('HGET', KEYS[1], 'hold_until') or '0')
 if hold_until > now then return refuse(hold_until - now, 'hold') end
 local not_before = tonumber(redis.call('HGET', KEYS[2], 'not_before') or '0')
 if not_before > now then return refuse(not_before - now, 'backoff') end
+-- The provider is down for another daemon (its breaker is open): it probes, the others wait.
+local down = redis.call('HMGET', KEYS[2], 'down_until', 'down_by')
+if tonumber(down[1] or '0') > now and down[2] ~= ARGV[10] then
+  return refuse(tonumber(down[1]) - now, 'breaker')
+end
 
 local units, requests = tonumber(ARGV[7]), tonumber(ARGV[8])
 local logs = {}
@@ -171,6 +176,24 @@ for i, field in ipairs({'msgs', 'reqs'}) do
     end
   end
 end
+return 1
+"""
+
+# A daemon's breaker of the account is open (the provider is unreachable): the others hold
+# its batches until `seconds` from now (the next probe), unless it says the provider is back
+# first. KEYS: 1 account hash. ARGV: 1 seconds, 2 instance id.
+PROVIDER_DOWN = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
+redis.call('HSET', KEYS[1], 'down_until', string.format('%.6f', now + tonumber(ARGV[1])),
+           'down_by', ARGV[2])
+redis.call('EXPIRE', KEYS[1], 3600)
+return 1
+"""
+
+# The provider answered again. KEYS: 1 account hash.
+PROVIDER_UP = """
+redis.call('HDEL', KEYS[1], 'down_until', 'down_by')
 return 1
 """
 

@@ -45,7 +45,8 @@ MARK_LEAD = 0.05
 # hold after it was away or lost its data, or this daemon falling back to its share.
 RATE, BACKOFF, BREAKER, PAUSE, CONCURRENCY, SENDER, FLEET = (
     "rate", "backoff", "breaker", "pause", "concurrency", "sender", "fleet")
-_HELD_FOR = {"rate": RATE, "backoff": BACKOFF, "hold": FLEET, "fallback": FLEET}
+_HELD_FOR = {"rate": RATE, "backoff": BACKOFF, "breaker": BREAKER, "hold": FLEET,
+             "fallback": FLEET}
 
 
 @dataclass(slots=True)
