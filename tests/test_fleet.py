@@ -53,6 +53,18 @@ def fleet_configs(tmp_path: Path, database_url: str, provider_url: str, redis_ur
     return configs
 
 
+def stormed_fleet(tmp_path: Path, database_url: str, fake: FakeProvider, server: PrivateRedis,
+                  messages: int) -> tuple[list[Path], list[int]]:
+    """A fleet whose daemon 0 has an API key of its own (STORM_KEY: the fake's injected errors
+    go to it alone), an empty Redis, and one campaign of an unlimited tenant queued."""
+    redis.Redis.from_url(server.url).flushall()
+    fake.control(api_keys=[API_KEY, STORM_KEY])
+    configs = fleet_configs(tmp_path, database_url, fake.url, server.url,
+                            keys=[STORM_KEY, API_KEY, API_KEY])
+    return configs, queue_campaigns(database_url, {"open": 0},
+                                    [("open", messages, "main", "OPEN")])
+
+
 def start_fleet(stack: ExitStack, configs: list[Path]) -> list[Daemon]:
     return [stack.enter_context(Daemon(c, c.parent / "daemon.log").wait_ready())
             for c in configs]
@@ -215,11 +227,7 @@ def test_a_provider_down_for_one_daemon_holds_the_others_while_it_probes(
     """Every request of daemon 0 is answered 503: its breaker opens, and daemons 1 and 2 hold
     the account's batches (status: waiting for the breaker) while it probes, instead of each
     finding the outage with requests of its own; its first answered probe lets them go."""
-    redis.Redis.from_url(redis_server.url).flushall()
-    fake_provider.control(api_keys=[API_KEY, STORM_KEY])
-    configs = fleet_configs(tmp_path, database_url, fake_provider.url, redis_server.url,
-                            keys=[STORM_KEY, API_KEY, API_KEY])
-    ids = queue_campaigns(database_url, {"open": 0}, [("open", 100_000, "main", "OPEN")])
+    configs, ids = stormed_fleet(tmp_path, database_url, fake_provider, redis_server, 100_000)
     with ExitStack() as stack:
         daemons = start_fleet(stack, configs)
         wait_until(lambda: len(acceptances(fake_provider, database_url, ids)) > 2_000, 20,
@@ -249,11 +257,8 @@ def test_a_429_storm_on_one_daemon_slows_all_three(
         redis_server: PrivateRedis) -> None:
     """Only daemon 0's requests get 429s (Retry-After 2 s): daemons 1 and 2 slow down too,
     since the backoff is the fleet's; alone, they would go on at full speed."""
-    redis.Redis.from_url(redis_server.url).flushall()
-    fake_provider.control(api_keys=[API_KEY, STORM_KEY], retry_after=2)
-    configs = fleet_configs(tmp_path, database_url, fake_provider.url, redis_server.url,
-                            keys=[STORM_KEY, API_KEY, API_KEY])
-    ids = queue_campaigns(database_url, {"open": 0}, [("open", 60_000, "main", "OPEN")])
+    fake_provider.control(retry_after=2)
+    configs, ids = stormed_fleet(tmp_path, database_url, fake_provider, redis_server, 60_000)
     with ExitStack() as stack:
         daemons = start_fleet(stack, configs)
         wait_until(lambda: len(acceptances(fake_provider, database_url, ids)) > 4_000, 20,

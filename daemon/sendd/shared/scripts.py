@@ -70,6 +70,18 @@ local function parse(entry)
   return tonumber(string.sub(entry, 1, sep - 1)), tonumber(string.sub(entry, sep + 1))
 end
 
+-- From entry `first` on: the index of the first grant still in the window at time `t`, and
+-- `total` less the units of those before it.
+local function in_window(entries, first, total, t)
+  while first <= #entries do
+    local granted, n = parse(entries[first])
+    if granted + window > t then break end
+    total = total - n
+    first = first + 1
+  end
+  return first, total
+end
+
 -- Forget what left the window before now (and the grant replaced); the rest, oldest first.
 local at = now + lead
 local kept = {}
@@ -78,14 +90,7 @@ for i, log in ipairs(logs) do
     redis.call('DECRBY', log[2], log[4])
   end
   local entries = redis.call('LRANGE', log[1], 0, -1)
-  local total = tonumber(redis.call('GET', log[2]) or '0')
-  local first = 1
-  while first <= #entries do
-    local t, n = parse(entries[first])
-    if t + window > now then break end
-    total = total - n
-    first = first + 1
-  end
+  local first, total = in_window(entries, 1, tonumber(redis.call('GET', log[2]) or '0'), now)
   if first > 1 then
     redis.call('LTRIM', log[1], first - 1, -1)
     redis.call('SET', log[2], total)
@@ -103,13 +108,7 @@ local earliest = at
 for i, log in ipairs(logs) do
   local entries, first, total = kept[i][1], kept[i][2], kept[i][3]
   local capacity = math.max(log[3], log[4])
-  local inside, j = total, first
-  while j <= #entries do
-    local t, n = parse(entries[j])
-    if t + window > at then break end
-    inside = inside - n
-    j = j + 1
-  end
+  local j, inside = in_window(entries, first, total, at)
   if inside + log[4] > capacity then
     local need = inside + log[4] - capacity
     while j <= #entries do
