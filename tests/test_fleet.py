@@ -270,12 +270,18 @@ def test_a_429_storm_on_one_daemon_slows_all_three(
         time.sleep(4)
         storm_end = time.time()
         fake_provider.control(error_429_rate=0.0)
+        time.sleep(6)  # the last Retry-After, then the rate grows back by a tenth per success
+        again = time.time()
+        time.sleep(2)
+        until = time.time()
         others = [(e["sent_at"], e["size"]) for d in daemons[1:] for e in d.events("batch_sent")]
     calm = sum(n for t, n in others if calm_start <= t < storm_start) / (storm_start - calm_start)
     stormy = sum(n for t, n in others if storm_start + 0.5 <= t < storm_end) / (
         storm_end - storm_start - 0.5)
+    recovered = sum(n for t, n in others if again <= t < until) / (until - again)
     assert calm > 0.5 * ACCOUNT_RATE, calm  # they were sending
     assert stormy < 0.5 * calm, (calm, stormy)  # and slowed with daemon 0's 429s
+    assert recovered > 0.5 * calm, (calm, recovered)  # and the fleet's rate grew back
     assert fake_provider.stats()["responses"].get("429", 0) > 0
     no_duplicates(fake_provider)
 

@@ -234,10 +234,12 @@ class Sender:
                 msgs, reqs, _ = governor.configured(account, "")
                 await fleet.penalize(account, msgs, reqs, reaction.retry_after)
         elif reaction.accepted:
+            # Backed off as the fleet's limits stood at the last reservation (the governor
+            # follows them), before this daemon's own reward.
+            msgs, reqs, _ = governor.configured(account, "")
+            backed_off = governor.effective(account) != (msgs, reqs)
             governor.reward(account)
-            if fleet is not None and governor.effective(account) != governor.configured(
-                    account, "")[:2]:
-                msgs, reqs, _ = governor.configured(account, "")
+            if fleet is not None and backed_off:
                 await fleet.reward(account, msgs, reqs)
 
     async def _suspend(self, account: str, reason: str) -> None:
