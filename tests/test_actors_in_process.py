@@ -17,6 +17,7 @@ from parts import account, claim_config, make_parts
 from sendd.actors.batcher import run_batcher
 from sendd.actors.settler import settle
 from sendd.core.breaker import State
+from sendd.core.ratelimit import GUARD_WINDOW
 from sendd.dev.memprovider import (
     MemoryProvider,
     ambiguous,
@@ -78,6 +79,31 @@ async def test_the_rate_limit_spaces_requests_exactly(clock: trio.testing.MockCl
     assert starts[0] == 0.0
     assert all(later - earlier >= 1.0 for earlier, later in zip(starts, starts[1:], strict=False))
     assert starts[-1] < 3 * 1.05 + 0.1
+
+
+async def test_a_batch_late_for_its_grant_takes_a_new_one(clock: trio.testing.MockClock) -> None:
+    """A scheduled batch whose grant passed more than GRANT_SLACK ago (its mark or the event
+    loop made it late) does not go on it: it waits for a new grant, the window being full."""
+    provider = MemoryProvider()
+    parts = _parts(provider, msgs_per_s=100)
+    granted = parts.accounts.governor.reserve("main", "shop", 100)  # the window is full
+    await trio.sleep(0.1)  # late for `granted` by 0.1 s
+    batch = Batch("main", "shop", _messages(10), MARKED)
+    assert _statuses(await parts.sender().send_batch(batch, 0.0, granted)) == [SENT] * 10
+    assert provider.requests[0].at == pytest.approx(granted + GUARD_WINDOW)
+
+
+async def test_a_late_batch_whose_next_grant_is_far_goes_back_unsent(
+        clock: trio.testing.MockClock) -> None:
+    """Late for its grant while a 429's Retry-After of 5 s came in: put back, not held."""
+    provider = MemoryProvider()
+    parts = _parts(provider, msgs_per_s=100)
+    granted = trio.current_time()
+    parts.accounts.governor.penalize("main", 5.0)
+    await trio.sleep(0.1)
+    batch = Batch("main", "shop", _messages(10), MARKED)
+    assert _statuses(await parts.sender().send_batch(batch, 0.0, granted)) == [RELEASE] * 10
+    assert not provider.requests and trio.current_time() == pytest.approx(0.1)
 
 
 async def test_a_429_waits_out_its_retry_after_and_uses_no_attempt(

@@ -98,23 +98,26 @@ class Sender:
         own senders, so they wait here); seconds waited."""
         waited = await self.accounts.governor.acquire(
             batch.account, batch.tenant_id, len(batch.messages), requests=self._requests(batch))
-        while (wait := await self._fleet_wait(batch, 0.0)) > 0:
+        while (wait := (await self._fleet_wait(batch, 0.0))[0]) > 0:
             await trio.sleep(wait)
             waited += wait
         return waited
 
-    async def _fleet_wait(self, batch: Batch, lead: float, replace: str = "") -> float:
+    async def _fleet_wait(self, batch: Batch, lead: float,
+                          replace: str = "") -> tuple[float, str]:
         """Reserve the batch in the fleet's limits (sendd.shared.limits) `lead` seconds ahead,
-        in place of its missed grant `replace`: 0 when granted (or no fleet), else how long to
-        wait before asking again."""
+        in place of its missed grant `replace`: (0, the grant's stamp) when granted (or no
+        fleet), else how long to wait before asking again (and `replace`, still to drop)."""
         fleet = self.accounts.fleet
         if fleet is None or not fleet.shared:
-            return 0.0
+            return 0.0, ""
         verdict = await fleet.reserve(
             batch.account, batch.tenant_id,
             self.accounts.governor.configured(batch.account, batch.tenant_id),
             len(batch.messages), self._requests(batch), lead, replace)
-        return 0.0 if verdict.granted else max(verdict.wait, 0.001)
+        if verdict.granted:
+            return 0.0, verdict.stamp
+        return max(verdict.wait, 0.001), replace
 
     def _requests(self, batch: Batch) -> int:
         """Requests the batch takes: one, or one per message for a single-message account."""
@@ -122,26 +125,29 @@ class Sender:
 
     async def _regrant(self, batch: Batch, granted: float, fleet_stamp: str) -> float | None:
         """Seconds waited for the grant: until its time when the batch was marked ahead of it,
-        or for a new one when the mark made it late for its own (in the fleet's limits too,
-        replacing the grant missed); None when that would take longer than REGRANT_WAIT (a
-        429's Retry-After came in)."""
-        now = trio.current_time()
-        if now - granted <= GRANT_SLACK:
-            await trio.sleep_until(granted)
-            return max(0.0, granted - now)
-        wait = self.accounts.governor.reserve(
-            batch.account, batch.tenant_id, len(batch.messages),
-            requests=self._requests(batch)) - trio.current_time()
+        or for a new one when the mark, or a busy event loop waking it, made it late for its
+        own (in the fleet's limits too, replacing the grant missed: other daemons' requests
+        left on time, and a late one would land in the next window with theirs); None when
+        that would take longer than REGRANT_WAIT (a 429's Retry-After came in)."""
         waited = 0.0
-        while waited + wait <= REGRANT_WAIT:
-            fleet_wait = await self._fleet_wait(batch, max(0.0, wait), fleet_stamp)
-            if not fleet_wait:
-                await trio.sleep(max(0.0, wait))
-                return waited + max(0.0, wait)
-            await trio.sleep(fleet_wait)
-            waited += fleet_wait
-            wait = max(0.0, wait - fleet_wait)
-        return None
+        while True:
+            now = trio.current_time()
+            if now - granted <= GRANT_SLACK:
+                await trio.sleep_until(granted)
+                waited += max(0.0, granted - now)
+                if trio.current_time() - granted <= GRANT_SLACK:
+                    return waited
+                continue  # woken too late for it
+            granted = self.accounts.governor.reserve(
+                batch.account, batch.tenant_id, len(batch.messages),
+                requests=self._requests(batch))
+            if waited + granted - trio.current_time() > REGRANT_WAIT:
+                return None
+            fleet_wait, fleet_stamp = await self._fleet_wait(
+                batch, max(0.0, granted - trio.current_time()), fleet_stamp)
+            if fleet_wait:
+                await trio.sleep(fleet_wait)  # then a new grant: the local one has passed
+                waited += fleet_wait
 
     async def _mark(self, batch: Batch, ticket: Ticket) -> bool:
         """Make sure the batch has its durable mark (express batches come marked by their
