@@ -15,6 +15,7 @@ from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
@@ -22,6 +23,7 @@ from harness import (
     API_KEY,
     Daemon,
     FakeProvider,
+    http_url,
     query,
     queue_campaigns,
     sendd_json,
@@ -149,6 +151,8 @@ def test_redis_away_for_20s_then_back_empty_keeps_the_limit(
             stopped = time.time()
             wait_until(lambda: all(limits_mode(c) == "fallback" for c in configs), 10,
                        "every daemon to fall back")
+            health = httpx.get(http_url(configs[0], "/healthz"), timeout=5)
+            metrics = httpx.get(http_url(configs[0], "/metrics"), timeout=5).text
             time.sleep(max(0.0, stopped + 20 - time.time()))
             server.start_process()
             restarted = time.time()
@@ -160,6 +164,9 @@ def test_redis_away_for_20s_then_back_empty_keeps_the_limit(
     finally:
         server.stop()
     within_limits(fake_provider, database_url, ids)
+    assert health.status_code == 503 and any(r.startswith("redis: unreachable")
+                                             for r in health.json()["reasons"]), health.text
+    assert "sendd_redis_shared 0.0" in metrics and "sendd_redis_fallbacks_total 1.0" in metrics
     times = acceptances(fake_provider, database_url, ids)
     during = sum(1 for t in times if stopped + 2 < t < restarted)
     # A third of the limit each, after a window without sending: about 2,000 x 17 s in all.
