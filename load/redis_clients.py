@@ -10,6 +10,7 @@ other on one connection (p50/p99 latency, calls/s, CPU per call), then the same 
 tasks sharing the client (calls/s, CPU per call). CPU is this process's `time.process_time`,
 the redis-server's own CPU is not in it.
 
+    .venv/bin/pip install coredis   # not a dependency of sendd: only this comparison needs it
     python load/redis_clients.py [--runs 3] [--calls 5000] [--tasks 8]
 
 Starts a private redis-server on a free port of 127.0.0.1 (no persistence) and stops it at the
