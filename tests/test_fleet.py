@@ -262,9 +262,12 @@ def test_a_provider_down_for_one_daemon_holds_the_others_while_it_probes(
 def test_a_429_storm_on_one_daemon_slows_all_three(
         tmp_path: Path, database_url: str, fake_provider: FakeProvider,
         redis_server: PrivateRedis) -> None:
-    """Only daemon 0's requests get 429s (Retry-After 2 s): daemons 1 and 2 slow down too,
-    since the backoff is the fleet's; alone, they would go on at full speed."""
-    fake_provider.control(retry_after=2)
+    """Only daemon 0's requests get 429s (Retry-After 3 s): daemons 1 and 2 slow down too,
+    since the backoff is the fleet's; alone, they would go on at full speed (faster even,
+    daemon 0's share of the account left to them). Between two Retry-Afters the others send
+    until daemon 0's next request gets its 429, which on a loaded machine can take a while
+    (its claims paused during the Retry-After), hence a long one and a loose bound."""
+    fake_provider.control(retry_after=3)
     configs, ids = stormed_fleet(tmp_path, database_url, fake_provider, redis_server, 60_000)
     with ExitStack() as stack:
         daemons = start_fleet(stack, configs)
@@ -274,10 +277,10 @@ def test_a_429_storm_on_one_daemon_slows_all_three(
         time.sleep(2)
         fake_provider.control(error_429_rate=1.0, error_key=STORM_KEY)
         storm_start = time.time()
-        time.sleep(4)
+        time.sleep(6)
         storm_end = time.time()
         fake_provider.control(error_429_rate=0.0)
-        time.sleep(6)  # the last Retry-After, then the rate grows back by a tenth per success
+        time.sleep(7)  # the last Retry-After, then the rate grows back by a tenth per success
         again = time.time()
         time.sleep(2)
         until = time.time()
@@ -287,7 +290,7 @@ def test_a_429_storm_on_one_daemon_slows_all_three(
         storm_end - storm_start - 0.5)
     recovered = sum(n for t, n in others if again <= t < until) / (until - again)
     assert calm > 0.5 * ACCOUNT_RATE, calm  # they were sending
-    assert stormy < 0.5 * calm, (calm, stormy)  # and slowed with daemon 0's 429s
+    assert stormy < 0.6 * calm, (calm, stormy)  # and slowed with daemon 0's 429s
     assert recovered > 0.5 * calm, (calm, recovered)  # and the fleet's rate grew back
     assert fake_provider.stats()["responses"].get("429", 0) > 0
     no_duplicates(fake_provider)
