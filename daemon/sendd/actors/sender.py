@@ -97,7 +97,8 @@ class Sender:
         """Wait for this daemon's grant, then the fleet's (express batches: they hold their
         own senders, so they wait here); seconds waited."""
         waited = await self.accounts.governor.acquire(
-            batch.account, batch.tenant_id, len(batch.messages), requests=self._requests(batch))
+            batch.account, batch.tenant_id, len(batch.messages),
+            requests=self.controls.requests(batch))
         while (wait := (await self._fleet_wait(batch, 0.0))[0]) > 0:
             await trio.sleep(wait)
             waited += wait
@@ -111,17 +112,10 @@ class Sender:
         fleet = self.accounts.fleet
         if fleet is None or not fleet.shared:
             return 0.0, ""
-        verdict = await fleet.reserve(
-            batch.account, batch.tenant_id,
-            self.accounts.governor.configured(batch.account, batch.tenant_id),
-            len(batch.messages), self._requests(batch), lead, replace)
+        verdict = await fleet.reserve_batch(batch, self.controls.requests(batch), lead, replace)
         if verdict.granted:
             return 0.0, verdict.stamp
         return max(verdict.wait, 0.001), replace
-
-    def _requests(self, batch: Batch) -> int:
-        """Requests the batch takes: one, or one per message for a single-message account."""
-        return len(batch.messages) if self.controls.account(batch.account).single else 1
 
     async def _regrant(self, batch: Batch, granted: float, fleet_stamp: str) -> float | None:
         """Seconds waited for the grant: until its time when the batch was marked ahead of it,
@@ -140,7 +134,7 @@ class Sender:
                 continue  # woken too late for it
             granted = self.accounts.governor.reserve(
                 batch.account, batch.tenant_id, len(batch.messages),
-                requests=self._requests(batch))
+                requests=self.controls.requests(batch))
             if waited + granted - trio.current_time() > REGRANT_WAIT:
                 return None
             fleet_wait, fleet_stamp = await self._fleet_wait(
@@ -234,15 +228,14 @@ class Sender:
         governor, fleet = self.accounts.governor, self.accounts.fleet
         if reaction.suspend is not None and account not in self.accounts.suspended:
             await self._suspend(account, reaction.suspend)
+        msgs, reqs, _ = governor.configured(account, "")
         if reaction.throttled:
             governor.penalize(account, reaction.retry_after)
             if fleet is not None:
-                msgs, reqs, _ = governor.configured(account, "")
                 await fleet.penalize(account, msgs, reqs, reaction.retry_after)
         elif reaction.accepted:
             # Backed off as the fleet's limits stood at the last reservation (the governor
             # follows them), before this daemon's own reward.
-            msgs, reqs, _ = governor.configured(account, "")
             backed_off = governor.effective(account) != (msgs, reqs)
             governor.reward(account)
             if fleet is not None and backed_off:

@@ -292,7 +292,7 @@ class Governor:
             if log.limit > 0:
                 log.set_limit(max(1, log.limit // 2))
         if retry_after is not None and retry_after > 0:
-            entry.not_before = max(entry.not_before, self._clock() + retry_after)
+            self.defer(account, retry_after)
 
     def reward(self, account: str) -> None:
         """On a success: grow the effective limits back by 10% of the configured ones."""

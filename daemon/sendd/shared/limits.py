@@ -30,6 +30,7 @@ from sendd.core.ratelimit import GUARD_WINDOW, Governor, share_of
 from sendd.db import leases
 from sendd.db.connection import RETRYABLE_ERRORS
 from sendd.errors import describe
+from sendd.model import Batch
 from sendd.shared import scripts
 from sendd.state.health import Health
 from sendd.state.lease import Lease
@@ -124,6 +125,14 @@ class FleetLimits:
         if reason == "backoff":
             self.governor.defer(account, wait)
         return Verdict(bool(int(granted)), wait, reason, stamp)
+
+    async def reserve_batch(self, batch: Batch, requests: int, lead: float = 0.0,
+                            replace: str = "") -> Verdict:
+        """`reserve` for a batch of `requests` requests, against its account's and tenant's
+        configured limits."""
+        return await self.reserve(batch.account, batch.tenant_id,
+                                  self.governor.configured(batch.account, batch.tenant_id),
+                                  len(batch.messages), requests, lead, replace)
 
     async def penalize(self, account: str, msgs: int, reqs: int,
                        retry_after: float | None) -> None:

@@ -15,6 +15,7 @@ import trio
 
 from sendd.config import AccountConfig, Config
 from sendd.db.pauses import Pauses
+from sendd.model import Batch
 
 
 @dataclass
@@ -43,6 +44,10 @@ class Controls:
 
     def account(self, name: str) -> AccountConfig:
         return self.config.accounts[name]
+
+    def requests(self, batch: Batch) -> int:
+        """Requests a batch takes: one, or one per message for a single-message account."""
+        return len(batch.messages) if self.account(batch.account).single else 1
 
     def wake_pollers(self) -> None:
         """New work may be claimable (queued, a pause lifted, an account back)."""

@@ -269,13 +269,11 @@ class Scheduler:
         batch = self.queues[key][0].batch
         if fleet is None or not fleet.shared or self._to_release(batch):
             return "", 0.0
-        account, tenant = key
-        limits = self.accounts.governor.configured(account, tenant)
-        lead = max(self._earliest(batch, now) - now, MARK_LEAD if any(limits) else 0.0)
+        limited = any(self.accounts.governor.configured(*key))
+        lead = max(self._earliest(batch, now) - now, MARK_LEAD if limited else 0.0)
         self._reserving.add(key)
         try:
-            verdict = await fleet.reserve(account, tenant, limits, len(batch.messages),
-                                          self._requests(batch), lead)
+            verdict = await fleet.reserve_batch(batch, self.controls.requests(batch), lead)
         finally:
             self._reserving.discard(key)
             self._wake()
@@ -306,16 +304,14 @@ class Scheduler:
         self._virtual[batch.tenant_id] += len(batch.messages) / weight
         return Taken(batch, None, now - queued.since, granted)
 
-    def _requests(self, batch: Batch) -> int:
-        return len(batch.messages) if self.controls.account(batch.account).single else 1
-
     def _earliest(self, batch: Batch, now: float) -> float:
         return self.accounts.governor.earliest(batch.account, batch.tenant_id,
-                                               len(batch.messages), self._requests(batch), now)
+                                               len(batch.messages),
+                                               self.controls.requests(batch), now)
 
     def _reserve(self, batch: Batch) -> float:
         return self.accounts.governor.reserve(batch.account, batch.tenant_id,
-                                              len(batch.messages), self._requests(batch))
+                                              len(batch.messages), self.controls.requests(batch))
 
     def _to_release(self, batch: Batch) -> str | None:
         """Why the batch is put back at once, if it is: an operator pause, a stopped campaign,
