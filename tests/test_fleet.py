@@ -35,6 +35,7 @@ from sendd.dev.pgserver import PrivateRedis, free_port
 
 ACCOUNT_RATE, TENANT_RATE = 2_000, 1_000
 STORM_KEY = "storm-key"  # the API key of the daemon that gets the 429s
+RETRY_AFTER = 3  # seconds, in the fake's 429s
 
 
 def fleet_configs(tmp_path: Path, database_url: str, provider_url: str, redis_url: str,
@@ -262,12 +263,13 @@ def test_a_provider_down_for_one_daemon_holds_the_others_while_it_probes(
 def test_a_429_storm_on_one_daemon_slows_all_three(
         tmp_path: Path, database_url: str, fake_provider: FakeProvider,
         redis_server: PrivateRedis) -> None:
-    """Only daemon 0's requests get 429s (Retry-After 3 s): daemons 1 and 2 slow down too,
-    since the backoff is the fleet's; alone, they would go on at full speed (faster even,
-    daemon 0's share of the account left to them). Between two Retry-Afters the others send
-    until daemon 0's next request gets its 429, which on a loaded machine can take a while
-    (its claims paused during the Retry-After), hence a long one and a loose bound."""
-    fake_provider.control(retry_after=3)
+    """Only daemon 0's requests get 429s (Retry-After 3 s): after each of its 429s, daemons 1
+    and 2 send nothing either until the Retry-After has run out, since the backoff is the
+    fleet's (alone, they would go on at full speed); once the storm is over the fleet's rate
+    grows back. (How often daemon 0 gets a 429 depends on how soon it has its next batch
+    ready, which on a loaded machine varies: so each 429's quiet time is checked, not an
+    average rate.)"""
+    fake_provider.control(retry_after=RETRY_AFTER)
     configs, ids = stormed_fleet(tmp_path, database_url, fake_provider, redis_server, 60_000)
     with ExitStack() as stack:
         daemons = start_fleet(stack, configs)
@@ -278,21 +280,22 @@ def test_a_429_storm_on_one_daemon_slows_all_three(
         fake_provider.control(error_429_rate=1.0, error_key=STORM_KEY)
         storm_start = time.time()
         time.sleep(6)
-        storm_end = time.time()
         fake_provider.control(error_429_rate=0.0)
-        time.sleep(7)  # the last Retry-After, then the rate grows back by a tenth per success
+        time.sleep(RETRY_AFTER + 4)  # the last Retry-After, then a tenth back per success
         again = time.time()
         time.sleep(2)
         until = time.time()
         others = [(e["sent_at"], e["size"]) for d in daemons[1:] for e in d.events("batch_sent")]
+        throttled = [e["sent_at"] + e["ms"] / 1000 for e in daemons[0].events("batch_not_sent")
+                     if e["outcome"] == "throttled"]
     calm = sum(n for t, n in others if calm_start <= t < storm_start) / (storm_start - calm_start)
-    stormy = sum(n for t, n in others if storm_start + 0.5 <= t < storm_end) / (
-        storm_end - storm_start - 0.5)
     recovered = sum(n for t, n in others if again <= t < until) / (until - again)
+    # What was granted or on the wire when the 429 came lands within half a second.
+    quiet = [(answer, [t for t, _ in others if answer + 0.5 <= t < answer + RETRY_AFTER - 0.5])
+             for answer in throttled]
     assert calm > 0.5 * ACCOUNT_RATE, calm  # they were sending
-    assert stormy < 0.6 * calm, (calm, stormy)  # and slowed with daemon 0's 429s
+    assert throttled and all(not sent for _, sent in quiet), quiet  # held with daemon 0
     assert recovered > 0.5 * calm, (calm, recovered)  # and the fleet's rate grew back
-    assert fake_provider.stats()["responses"].get("429", 0) > 0
     no_duplicates(fake_provider)
 
 
